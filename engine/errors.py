@@ -1,0 +1,85 @@
+"""Every error the engine raises, grouped by how a caller reacts to it.
+
+::
+
+    EngineError                      root: catch this to catch everything of ours
+    ├── TransientError               retry it (with backoff): the store or broker is down or slow
+    │   └── ServiceUnavailableError  a service cannot be reached at all
+    ├── InvalidInputError            fix the input: the request itself is wrong
+    ├── PoisonError                  dead-letter it: this event will never apply
+    └── ConfigurationError           stop and say what to set
+        ├── MissingToolError         a program the local stack needs is not installed
+        ├── PortInUseError           another process holds a port the stack wants
+        └── StackError               a local-stack service failed to install or start
+
+Errors of the drivers underneath (asyncpg, aiokafka, redis, elasticsearch) are
+translated into these at one boundary, the store adapter, with ``raise ... from
+exc``, so that callers never need to import a driver to handle a failure.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Root of every error the engine raises."""
+
+
+class TransientError(EngineError):
+    """A temporary failure: the same call may succeed if retried later."""
+
+
+class ServiceUnavailableError(TransientError):
+    """A service (Postgres, Redis, Kafka, Elasticsearch) cannot be reached."""
+
+    def __init__(self, service: str, address: str, hint: str = "") -> None:
+        self.service = service
+        self.address = address
+        self.hint = hint
+        message = f"{service} is not reachable at {address}"
+        super().__init__(f"{message}. {hint}" if hint else message)
+
+
+class InvalidInputError(EngineError):
+    """The caller sent something that can never succeed as it is."""
+
+
+class PoisonError(EngineError):
+    """An event that cannot be decoded or applied; it belongs in the dead-letter store."""
+
+
+class ConfigurationError(EngineError):
+    """The engine or its local stack is set up wrongly; the message says what to change."""
+
+
+class MissingToolError(ConfigurationError):
+    """A program the local stack needs (java, mvn, apt-get...) is not installed."""
+
+    def __init__(self, tool: str, why: str, how: str) -> None:
+        self.tool = tool
+        super().__init__(f"'{tool}' is required {why} but was not found. {how}")
+
+
+class PortInUseError(ConfigurationError):
+    """A port the local stack wants is held by a process the stack did not start."""
+
+    def __init__(self, service: str, port: int, setting: str) -> None:
+        self.service = service
+        self.port = port
+        self.setting = setting
+        super().__init__(
+            f"{service}: port {port} on 127.0.0.1 is already in use by another process. "
+            f"Stop that process, or choose another port with {setting}=<port>."
+        )
+
+
+class StackError(ConfigurationError):
+    """A local-stack service failed to install or start; carries the tail of its log."""
+
+    def __init__(self, service: str, problem: str, log_tail: str = "") -> None:
+        self.service = service
+        self.problem = problem
+        self.log_tail = log_tail
+        text = f"{service}: {problem}"
+        if log_tail:
+            text += f"\n--- last lines of the {service} log ---\n{log_tail}"
+        super().__init__(text)

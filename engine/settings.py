@@ -1,0 +1,120 @@
+"""The engine's configuration: the one place connection details live.
+
+Settings are read once, at an entry point (the CLI, a test's conftest, a user's
+own ``main``), and passed down as typed sub-objects. Nothing below the entry
+point reads ``os.environ``.
+
+Every field can be set from the environment with the ``ENGINE_`` prefix and a
+double underscore between the section and the field, for example
+``ENGINE_POSTGRES__PORT=5432`` or ``ENGINE_KAFKA__BOOTSTRAP_SERVERS=kafka:9092``.
+The defaults point at the native local stack (``./dev up``), whose ports are
+chosen away from the services' usual ones so that a system Postgres or Redis
+on the same machine does not collide with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "ENGINE_"
+ENV_NESTED_DELIMITER = "__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PostgresSettings(_Section):
+    """Where the write model, the outbox and the Postgres views live."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=54329, ge=1, le=65535)
+    user: str = "engine"
+    password: SecretStr = SecretStr("engine")
+    database: str = "engine"
+
+    def dsn(self) -> str:
+        """A libpq URL for asyncpg; the password is quoted, never logged."""
+        secret = quote(self.password.get_secret_value(), safe="")
+        return f"postgresql://{quote(self.user, safe='')}:{secret}@{self.host}:{self.port}/{self.database}"
+
+
+class RedisSettings(_Section):
+    """The quick-lookup store."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=63790, ge=1, le=65535)
+    db: int = Field(default=0, ge=0)
+
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/{self.db}"
+
+
+class KafkaSettings(_Section):
+    """The event bus between the outbox relay and the projection daemon."""
+
+    bootstrap_servers: str = "127.0.0.1:19092"
+    topic: str = "orders.events"
+    partitions: int = Field(default=6, ge=1, le=1000)
+
+    def first_host_port(self) -> tuple[str, int]:
+        """Host and port of the first bootstrap server (the one the local stack runs)."""
+        first = self.bootstrap_servers.split(",")[0].strip()
+        host, _, port = first.rpartition(":")
+        return host or "127.0.0.1", int(port)
+
+
+class ElasticsearchSettings(_Section):
+    """The search store."""
+
+    url: str = "http://127.0.0.1:19200"
+    index_prefix: str = "engine"
+    request_timeout_s: float = Field(default=30.0, gt=0)
+
+    def host_port(self) -> tuple[str, int]:
+        parts = urlsplit(self.url)
+        return parts.hostname or "127.0.0.1", parts.port or 9200
+
+
+class StackSettings(_Section):
+    """The native local stack (``engine stack``): where it keeps its data and how big it is.
+
+    Only the stack manager reads these; the engine itself never does.
+    """
+
+    data_dir: Path = Path(".stack")
+    kafka_controller_port: int = Field(default=19093, ge=1, le=65535)
+    elasticsearch_transport_port: int = Field(default=19300, ge=1, le=65535)
+    kafka_heap: str = "512m"
+    elasticsearch_heap: str = "512m"
+    # Postgres and Elasticsearch refuse to run as root; these system users run them.
+    postgres_os_user: str = "postgres"
+    elasticsearch_os_user: str = "engine-es"
+    start_timeout_s: float = Field(default=180.0, gt=0)
+    stop_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything the engine needs to know, built once at the entry point."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="ignore",
+        frozen=True,
+    )
+
+    postgres: PostgresSettings = PostgresSettings()
+    redis: RedisSettings = RedisSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    elasticsearch: ElasticsearchSettings = ElasticsearchSettings()
+    stack: StackSettings = StackSettings()
+
+
+def env_var(section: str, field: str) -> str:
+    """The environment variable that sets ``section.field``, for error messages."""
+    return f"{ENV_PREFIX}{section.upper()}{ENV_NESTED_DELIMITER}{field.upper()}"
