@@ -40,7 +40,8 @@ class PostgresSettings(_Section):
     def dsn(self) -> str:
         """A libpq URL for asyncpg; the password is quoted, never logged."""
         secret = quote(self.password.get_secret_value(), safe="")
-        return f"postgresql://{quote(self.user, safe='')}:{secret}@{self.host}:{self.port}/{self.database}"
+        user = quote(self.user, safe="")
+        return f"postgresql://{user}:{secret}@{self.host}:{self.port}/{self.database}"
 
 
 class RedisSettings(_Section):

@@ -21,6 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from elasticsearch import ApiError, AsyncElasticsearch
 from elasticsearch import ConnectionError as ESConnectionError
+from redis.typing import EncodableT, FieldT
 
 from engine.errors import EngineError, ServiceUnavailableError
 from engine.settings import Settings, env_var
@@ -75,10 +76,13 @@ async def redis_round_trip(settings: Settings) -> RoundTrip:
     rs = settings.redis
     started = time.perf_counter()
     key = f"engine:smoke:{_token()}"
-    written = {"status": "CONFIRMED", "token": _token()}
-    client = aioredis.Redis(host=rs.host, port=rs.port, db=rs.db, socket_connect_timeout=5)
+    written: dict[str, str] = {"status": "CONFIRMED", "token": _token()}
+    client = aioredis.Redis(
+        host=rs.host, port=rs.port, db=rs.db, socket_connect_timeout=5, decode_responses=True
+    )
     try:
-        await client.hset(key, mapping=written)
+        fields: dict[FieldT, EncodableT] = dict(written.items())
+        await client.hset(key, mapping=fields)
         raw = await client.hgetall(key)
         await client.delete(key)
     except redis.exceptions.ConnectionError as exc:
@@ -87,7 +91,7 @@ async def redis_round_trip(settings: Settings) -> RoundTrip:
         ) from exc
     finally:
         await client.aclose()
-    read = {k.decode(): v.decode() for k, v in raw.items()}
+    read = {str(k): str(v) for k, v in raw.items()}
     return RoundTrip("redis", written, read, time.perf_counter() - started)
 
 
@@ -156,7 +160,9 @@ async def elasticsearch_round_trip(settings: Settings) -> RoundTrip:
         # The 8.x client checks the X-Elastic-Product header of every response instead.
         await client.index(index=index, id="1", document=written)
         await client.indices.refresh(index=index)
-        found = await client.search(index=index, query={"term": {"token.keyword": written["token"]}})
+        found = await client.search(
+            index=index, query={"term": {"token.keyword": written["token"]}}
+        )
         await client.indices.delete(index=index)
     except ESConnectionError as exc:
         raise ServiceUnavailableError(

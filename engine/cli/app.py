@@ -46,7 +46,9 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        err_console().print(f"[red]error:[/red] invalid configuration from ENGINE_* variables:\n{exc}")
+        err_console().print(
+            f"[red]error:[/red] invalid configuration from ENGINE_* variables:\n{exc}"
+        )
         raise typer.Exit(ExitCode.CONFIGURATION) from exc
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engine.errors import ConfigurationError, MissingToolError, StackError
+from engine.stack.process import identity_of
 from engine.stack.versions import MIN_JAVA_MAJOR
 
 Report = Callable[[str], None]
@@ -39,7 +40,7 @@ def java_home(min_major: int = MIN_JAVA_MAJOR) -> Path:
         "to run Kafka and Elasticsearch",
         f"Install a JDK {min_major} or newer (Debian: apt-get install openjdk-17-jre-headless).",
     )
-    out = subprocess.run(  # noqa: S603
+    out = subprocess.run(
         [java, "-version"], capture_output=True, text=True, check=False, timeout=60
     )
     match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
@@ -63,23 +64,24 @@ def run_checked(
     os_user: str | None = None,
 ) -> str:
     """Run a setup command; on failure raise a StackError naming ``what`` with its output."""
-    user_kwargs: dict[str, object] = {}
-    if os_user is not None:
-        entry = pwd.getpwnam(os_user)
-        user_kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
-    proc = subprocess.run(  # noqa: S603
+    user, group, extra_groups = identity_of(os_user)
+    proc = subprocess.run(
         list(argv),
         capture_output=True,
         text=True,
         check=False,
         env={**os.environ, **(env or {})},
         timeout=1800,
-        **user_kwargs,  # type: ignore[arg-type]
+        user=user,
+        group=group,
+        extra_groups=extra_groups,
     )
     if proc.returncode != 0:
         output = (proc.stdout + proc.stderr).strip().splitlines()
-        raise StackError(what, f"'{' '.join(argv)}' exited with {proc.returncode}", "\n".join(output[-30:]))
-    return proc.stdout
+        raise StackError(
+            what, f"'{' '.join(argv)}' exited with {proc.returncode}", "\n".join(output[-30:])
+        )
+    return str(proc.stdout)
 
 
 def apt_install(packages: Sequence[str], report: Report) -> None:
@@ -110,10 +112,14 @@ def ensure_os_user(name: str, report: Report) -> None:
     except KeyError:
         pass
     if os.geteuid() != 0:
-        raise ConfigurationError(f"the system user '{name}' is missing and only root can create it.")
+        raise ConfigurationError(
+            f"the system user '{name}' is missing and only root can create it."
+        )
     useradd = require_tool("useradd", "to create a service user", _APT_HOW)
     report(f"creating system user '{name}'")
-    run_checked([useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], "useradd")
+    run_checked(
+        [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], "useradd"
+    )
 
 
 def chown_tree(path: Path, user: str) -> None:

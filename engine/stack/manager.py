@@ -76,8 +76,8 @@ class StackManager:
     def up(self, names: Iterable[str] = ()) -> None:
         services = self.select(names)
         self.layout.ensure()
-        self._check_service_users_can_reach_data()
         to_start = [s for s in services if running(self.layout.pid_file(s.name)) is None]
+        self._check_service_users_can_reach_data(to_start)
         for service in to_start:
             if not port_is_free(service.port):
                 raise PortInUseError(service.name, service.port, service.port_setting)
@@ -107,7 +107,9 @@ class StackManager:
         wait_until(ready_or_dead, timeout, interval_s=0.5)
         log = self.layout.log_file(service.name)
         if running(pid_file) is None:
-            raise StackError(service.name, f"the process exited during start-up (log: {log})", tail(log))
+            raise StackError(
+                service.name, f"the process exited during start-up (log: {log})", tail(log)
+            )
         if not service.healthy():
             raise StackError(
                 service.name,
@@ -124,7 +126,9 @@ class StackManager:
                 self._report(f"{service.name} is not running")
             else:
                 clean = stop(proc, service.stop_signal, self._settings.stack.stop_timeout_s)
-                self._report(f"{service.name} stopped" + ("" if clean else " (killed after timeout)"))
+                self._report(
+                    f"{service.name} stopped" + ("" if clean else " (killed after timeout)")
+                )
             pid_file.unlink(missing_ok=True)
 
     def status(self, names: Iterable[str] = ()) -> list[ServiceStatus]:
@@ -153,15 +157,16 @@ class StackManager:
             self.layout.log_file(service.name).unlink(missing_ok=True)
             self._report(f"{service.name}: data wiped")
 
-    def _check_service_users_can_reach_data(self) -> None:
-        """Postgres and Elasticsearch run as other users: each folder above the data must let them in."""
-        if os.geteuid() != 0:
+    def _check_service_users_can_reach_data(self, services: Sequence[Service]) -> None:
+        """Services that run as other users (Postgres, ES) must be able to enter the folder."""
+        if os.geteuid() != 0 or not any(s.os_user for s in services):
             return
         blocked = _untraversable_ancestors(self.layout.root.resolve())
         if blocked:
             raise ConfigurationError(
-                f"the stack folder {self.layout.root.resolve()} is inside {blocked[0]}, which other "
-                "users cannot enter, but Postgres and Elasticsearch must run as non-root users. "
+                f"the stack folder {self.layout.root.resolve()} is inside {blocked[0]}, which "
+                "other users cannot enter, but Postgres and Elasticsearch must run as non-root "
+                "users. "
                 f"Set {env_var('stack', 'data_dir')} to a folder they can reach "
                 "(for example /var/tmp/engine-stack)."
             )

@@ -39,6 +39,34 @@ class Launch:
     os_user: str | None = None
 
 
+class _DetachedPopen(subprocess.Popen[bytes]):
+    """A child meant to outlive this handle: the stack tracks it by pid file, not by Popen.
+
+    Popen warns when a handle of a running child is collected; here that is the
+    intent. When this process does outlive the child (tests), ``stop`` reaps it.
+    """
+
+    def __del__(self) -> None:
+        return None
+
+
+def identity_of(os_user: str | None) -> tuple[int | None, int | None, list[int] | None]:
+    """``user``, ``group`` and ``extra_groups`` for subprocess: run as ``os_user`` if given.
+
+    Supplementary groups are dropped too, or the child would keep root's groups.
+    """
+    if os_user is None:
+        return None, None, None
+    entry = pwd.getpwnam(os_user)
+    return entry.pw_uid, entry.pw_gid, []
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status if ``pid`` is our own child, so it leaves no zombie."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
 def _start_ticks(pid: int) -> int | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -75,13 +103,11 @@ def spawn(launch: Launch, log_file: Path, pid_file: Path) -> ProcessId:
     """Start ``launch`` detached (own session), output appended to ``log_file``."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **launch.env}
-    user_kwargs: dict[str, object] = {}
     if launch.os_user is not None:
-        entry = pwd.getpwnam(launch.os_user)
-        env["HOME"] = entry.pw_dir
-        user_kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+        env["HOME"] = pwd.getpwnam(launch.os_user).pw_dir
+    user, group, extra_groups = identity_of(launch.os_user)
     with log_file.open("ab") as log:
-        child = subprocess.Popen(  # noqa: S603 - argv is built by the stack, never from user text
+        child = _DetachedPopen(
             list(launch.argv),
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -89,7 +115,9 @@ def spawn(launch: Launch, log_file: Path, pid_file: Path) -> ProcessId:
             cwd=launch.cwd,
             env=env,
             start_new_session=True,  # survives the CLI; its own process group for stop()
-            **user_kwargs,  # type: ignore[arg-type]
+            user=user,
+            group=group,
+            extra_groups=extra_groups,
         )
     ticks = _start_ticks(child.pid)
     proc = ProcessId(child.pid, ticks if ticks is not None else -1)
@@ -106,10 +134,12 @@ def stop(proc: ProcessId, sig: signal.Signals, timeout_s: float) -> bool:
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, sig)
     if wait_until(lambda: not is_alive(proc), timeout_s, interval_s=0.2):
+        _reap(proc.pid)
         return True
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     wait_until(lambda: not is_alive(proc), 10.0, interval_s=0.1)
+    _reap(proc.pid)
     return False
 
 

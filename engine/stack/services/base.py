@@ -20,6 +20,7 @@ class Service(Protocol):
 
     name: str
     port: int
+    os_user: str | None  # the system user it runs as; None for the caller
     port_setting: str
     stop_signal: signal.Signals
 

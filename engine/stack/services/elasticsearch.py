@@ -45,6 +45,7 @@ class ElasticsearchService:
         self.port_setting = env_var("elasticsearch", "url")
         self._transport_port = settings.stack.elasticsearch_transport_port
         self._heap = settings.stack.elasticsearch_heap
+        self.os_user: str | None = settings.stack.elasticsearch_os_user
         self._os_user = settings.stack.elasticsearch_os_user
         self._dir = layout.service_dir(self.name)
         self._dist = layout.dist / f"elasticsearch-{ELASTICSEARCH_VERSION}"
@@ -55,7 +56,7 @@ class ElasticsearchService:
 
     def install(self, report: Report) -> None:
         def fetch(into: Path) -> None:
-            report(f"fetching Elasticsearch {ELASTICSEARCH_VERSION} from Maven Central (first run only)")
+            report(f"fetching Elasticsearch {ELASTICSEARCH_VERSION} from Maven Central (once)")
             download = into / "download"
             pom = into / "pom.xml"
             # dependency:copy needs a project to run in; an empty one will do.
@@ -66,14 +67,17 @@ class ElasticsearchService:
             )
             maven(
                 [
-                    "-f", str(pom),
+                    "-f",
+                    str(pom),
                     "dependency:copy",
                     f"-Dartifact={_ARTIFACT}:{ELASTICSEARCH_VERSION}:zip",
                     f"-DoutputDirectory={download.resolve()}",
                 ],
                 "elasticsearch",
             )
-            unzip_with_modes(download / f"elasticsearch-{ELASTICSEARCH_VERSION}.zip", into / "unzipped")
+            unzip_with_modes(
+                download / f"elasticsearch-{ELASTICSEARCH_VERSION}.zip", into / "unzipped"
+            )
             home = into / "unzipped" / f"elasticsearch-{ELASTICSEARCH_VERSION}"
             for entry in home.iterdir():
                 entry.rename(into / entry.name)
@@ -126,7 +130,7 @@ class ElasticsearchService:
     def healthy(self) -> bool:
         url = f"http://127.0.0.1:{self.port}/_cluster/health?wait_for_status=yellow&timeout=1s"
         try:
-            with urllib.request.urlopen(url, timeout=3.0) as response:  # noqa: S310 - fixed loopback URL
+            with urllib.request.urlopen(url, timeout=3.0) as response:
                 body = json.load(response)
         except (OSError, urllib.error.URLError, ValueError):
             return False

@@ -76,12 +76,13 @@ def api_versions_ok(host: str, port: int) -> bool:
     if len(reply) < 10:
         return False
     _size, correlation_id, error_code = struct.unpack(">iih", reply)
-    return correlation_id == 1 and error_code == 0
+    return bool(correlation_id == 1 and error_code == 0)
 
 
 class KafkaService:
     name = "kafka"
     stop_signal = signal.SIGTERM  # controlled shutdown
+    os_user: str | None = None
 
     def __init__(self, settings: Settings, layout: StackLayout) -> None:
         _, self.port = settings.kafka.first_host_port()
@@ -115,7 +116,8 @@ class KafkaService:
             )
             maven(
                 [
-                    "-f", str(pom),
+                    "-f",
+                    str(pom),
                     "dependency:copy-dependencies",
                     "-DincludeScope=runtime",
                     f"-DoutputDirectory={(into / 'libs').resolve()}",
@@ -136,8 +138,15 @@ class KafkaService:
         report("formatting the Kafka log folder (KRaft)")
         run_checked(
             [
-                self._java(), "-cp", self._classpath(), _STORAGE_TOOL, "format",
-                "-t", new_cluster_id(), "-c", str(self._config.resolve()),
+                self._java(),
+                "-cp",
+                self._classpath(),
+                _STORAGE_TOOL,
+                "format",
+                "-t",
+                new_cluster_id(),
+                "-c",
+                str(self._config.resolve()),
             ],
             "kafka",
         )
@@ -176,7 +185,8 @@ class KafkaService:
                 "-XX:+UseG1GC",
                 "-Djava.awt.headless=true",
                 f"-Dlog4j.configuration=file:{(self._dir / 'log4j.properties').resolve()}",
-                "-cp", self._classpath(),
+                "-cp",
+                self._classpath(),
                 _MAIN,
                 str(self._config.resolve()),
             ],

@@ -38,6 +38,7 @@ class PostgresService:
 
     def __init__(self, settings: Settings, layout: StackLayout) -> None:
         self._pg = settings.postgres
+        self.os_user: str | None = settings.stack.postgres_os_user
         self._os_user = settings.stack.postgres_os_user
         self.port = settings.postgres.port
         self.port_setting = env_var("postgres", "port")
@@ -54,7 +55,9 @@ class PostgresService:
     def _bin(self, program: str) -> str:
         bin_dir = find_bin_dir()
         if bin_dir is None:
-            raise MissingToolError("postgres", "for the local stack", "Run 'engine stack up' as root.")
+            raise MissingToolError(
+                "postgres", "for the local stack", "Run 'engine stack up' as root."
+            )
         return str(bin_dir / program)
 
     def install(self, report: Report) -> None:
@@ -75,8 +78,10 @@ class PostgresService:
             run_checked(
                 [
                     self._bin("initdb"),
-                    "-D", str(self._data.resolve()),
-                    "-U", self._pg.user,
+                    "-D",
+                    str(self._data.resolve()),
+                    "-U",
+                    self._pg.user,
                     f"--pwfile={password_file.resolve()}",
                     "--auth-host=scram-sha-256",
                     "--auth-local=trust",
@@ -94,11 +99,16 @@ class PostgresService:
         return Launch(
             argv=[
                 self._bin("postgres"),
-                "-D", str(self._data.resolve()),
-                "-p", str(self.port),
-                "-c", "listen_addresses=127.0.0.1",
-                "-c", f"unix_socket_directories={(self._dir / 'run').resolve()}",
-                "-c", "max_connections=300",
+                "-D",
+                str(self._data.resolve()),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"unix_socket_directories={(self._dir / 'run').resolve()}",
+                "-c",
+                "max_connections=300",
             ],
             os_user=self._os_user,
         )
@@ -107,7 +117,7 @@ class PostgresService:
         return {"PGPASSWORD": self._pg.password.get_secret_value(), "PGCONNECT_TIMEOUT": "5"}
 
     def healthy(self) -> bool:
-        probe = subprocess.run(  # noqa: S603
+        probe = subprocess.run(
             [self._bin("pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)],
             check=False,
             timeout=30,
@@ -125,5 +135,7 @@ class PostgresService:
         if self._pg.database not in names:
             report(f"creating database '{self._pg.database}'")
             run_checked(
-                [self._bin("createdb"), *common, self._pg.database], "postgres", env=self._psql_env()
+                [self._bin("createdb"), *common, self._pg.database],
+                "postgres",
+                env=self._psql_env(),
             )

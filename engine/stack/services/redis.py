@@ -16,6 +16,7 @@ from engine.stack.versions import REDIS_PACKAGE
 class RedisService:
     name = "redis"
     stop_signal = signal.SIGTERM  # Redis saves and exits on SIGTERM
+    os_user: str | None = None
 
     def __init__(self, settings: Settings, layout: StackLayout) -> None:
         self.port = settings.redis.port
@@ -41,7 +42,7 @@ class RedisService:
                     "appendonly yes",
                     "appendfsync everysec",
                     'save ""',
-                    "logfile \"\"",
+                    'logfile ""',
                     "",
                 ]
             )
