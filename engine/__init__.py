@@ -5,40 +5,90 @@ what ``__all__`` lists and nothing else from ``engine``; everything in
 sub-modules not re-exported here is internal and may change.
 """
 
+from engine.application import Application, load_application
+from engine.commands import (
+    Command,
+    CommandBus,
+    CommandResult,
+    Handler,
+    UnitOfWork,
+    validate_command,
+)
 from engine.errors import (
+    CommandIdReusedError,
     ConfigurationError,
+    ConflictError,
     EngineError,
+    EventDecodeError,
     InvalidInputError,
     MissingToolError,
+    NotFoundError,
     PoisonError,
     PortInUseError,
+    RuleViolationError,
     ServiceUnavailableError,
     StackError,
     TransientError,
+    UnknownEventError,
+    ValidationFailedError,
 )
+from engine.events import DomainEvent, EventEnvelope
+from engine.postgres.migrations import Migration, migrate
+from engine.postgres.outbox import ENGINE_MIGRATIONS
+from engine.postgres.pool import Connection, create_pool
+from engine.registry import EventRegistry
+from engine.relay import OutboxRelay
 from engine.settings import (
     ElasticsearchSettings,
     KafkaSettings,
     PostgresSettings,
     RedisSettings,
+    RelaySettings,
     Settings,
     StackSettings,
 )
+from engine.topics import ensure_topic
 
 __all__ = [
+    "ENGINE_MIGRATIONS",
+    "Application",
+    "Command",
+    "CommandBus",
+    "CommandIdReusedError",
+    "CommandResult",
     "ConfigurationError",
+    "ConflictError",
+    "Connection",
+    "DomainEvent",
     "ElasticsearchSettings",
     "EngineError",
+    "EventDecodeError",
+    "EventEnvelope",
+    "EventRegistry",
+    "Handler",
     "InvalidInputError",
     "KafkaSettings",
+    "Migration",
     "MissingToolError",
+    "NotFoundError",
+    "OutboxRelay",
     "PoisonError",
     "PortInUseError",
     "PostgresSettings",
     "RedisSettings",
+    "RelaySettings",
+    "RuleViolationError",
     "ServiceUnavailableError",
     "Settings",
     "StackError",
     "StackSettings",
     "TransientError",
+    "UnitOfWork",
+    "UnknownEventError",
+    "ValidationFailedError",
+    "create_pool",
+    "ensure_topic",
+    "load_application",
+    "migrate",
+    "validate_command",
 ]

@@ -4,9 +4,16 @@
 
     EngineError                      root: catch this to catch everything of ours
     ├── TransientError               retry it (with backoff): the store or broker is down or slow
-    │   └── ServiceUnavailableError  a service cannot be reached at all
+    │   ├── ServiceUnavailableError  a service cannot be reached at all
+    │   └── ConflictError            someone else changed the aggregate first: reload and retry
     ├── InvalidInputError            fix the input: the request itself is wrong
+    │   ├── ValidationFailedError    a field is malformed (names the field)
+    │   ├── NotFoundError            the aggregate named does not exist
+    │   ├── RuleViolationError       a business rule forbids it (e.g. an invalid transition)
+    │   └── CommandIdReusedError     a command id was sent again with different content
     ├── PoisonError                  dead-letter it: this event will never apply
+    │   ├── UnknownEventError        no model is registered for the event's type and version
+    │   └── EventDecodeError         the bytes or the payload do not decode
     └── ConfigurationError           stop and say what to set
         ├── MissingToolError         a program the local stack needs is not installed
         ├── PortInUseError           another process holds a port the stack wants
@@ -39,12 +46,54 @@ class ServiceUnavailableError(TransientError):
         super().__init__(f"{message}. {hint}" if hint else message)
 
 
+class ConflictError(TransientError):
+    """Optimistic concurrency: the aggregate changed since it was read."""
+
+    def __init__(self, detail: str, aggregate_id: str | None = None) -> None:
+        self.aggregate_id = aggregate_id
+        super().__init__(detail)
+
+
 class InvalidInputError(EngineError):
     """The caller sent something that can never succeed as it is."""
 
 
+class ValidationFailedError(InvalidInputError):
+    """A field of a command is malformed; ``field`` names it (dotted path)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+
+class NotFoundError(InvalidInputError):
+    """The aggregate a command or query names does not exist."""
+
+    def __init__(self, aggregate: str, aggregate_id: str) -> None:
+        self.aggregate = aggregate
+        self.aggregate_id = aggregate_id
+        super().__init__(f"{aggregate} {aggregate_id} does not exist")
+
+
+class RuleViolationError(InvalidInputError):
+    """A business rule forbids the command in the aggregate's current state."""
+
+
+class CommandIdReusedError(InvalidInputError):
+    """The same command id arrived with different content: a client bug, not a retry."""
+
+
 class PoisonError(EngineError):
     """An event that cannot be decoded or applied; it belongs in the dead-letter store."""
+
+
+class UnknownEventError(PoisonError):
+    """No model is registered for this event type and schema version."""
+
+
+class EventDecodeError(PoisonError):
+    """An event's bytes or payload do not decode into its model."""
 
 
 class ConfigurationError(EngineError):

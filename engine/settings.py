@@ -36,6 +36,9 @@ class PostgresSettings(_Section):
     user: str = "engine"
     password: SecretStr = SecretStr("engine")
     database: str = "engine"
+    pool_min_size: int = Field(default=1, ge=0)
+    pool_max_size: int = Field(default=10, ge=1)
+    command_timeout_s: float = Field(default=30.0, gt=0)
 
     def dsn(self) -> str:
         """A libpq URL for asyncpg; the password is quoted, never logged."""
@@ -61,6 +64,8 @@ class KafkaSettings(_Section):
     bootstrap_servers: str = "127.0.0.1:19092"
     topic: str = "orders.events"
     partitions: int = Field(default=6, ge=1, le=1000)
+    replication_factor: int = Field(default=1, ge=1)
+    request_timeout_s: float = Field(default=30.0, gt=0)
 
     def first_host_port(self) -> tuple[str, int]:
         """Host and port of the first bootstrap server (the one the local stack runs)."""
@@ -79,6 +84,22 @@ class ElasticsearchSettings(_Section):
     def host_port(self) -> tuple[str, int]:
         parts = urlsplit(self.url)
         return parts.hostname or "127.0.0.1", parts.port or 9200
+
+
+class RelaySettings(_Section):
+    """The outbox relay (``engine relay``)."""
+
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    # LISTEN/NOTIFY wakes the relay at once; this poll is the fallback if a
+    # notification is lost (e.g. the listening connection was down).
+    poll_interval_s: float = Field(default=1.0, gt=0)
+    # Published outbox rows are deleted after this long; the event log keeps history.
+    retention_hours: float = Field(default=24.0, ge=0)
+    cleanup_interval_s: float = Field(default=60.0, gt=0)
+    backoff_initial_s: float = Field(default=0.2, gt=0)
+    backoff_max_s: float = Field(default=10.0, gt=0)
+    # A standby relay retries taking the leader lock this often.
+    standby_retry_s: float = Field(default=1.0, gt=0)
 
 
 class StackSettings(_Section):
@@ -109,10 +130,13 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
+    # The domain this process serves: "package.module:NAME" of an engine.Application.
+    app: str = "projections.orders:APP"
     postgres: PostgresSettings = PostgresSettings()
     redis: RedisSettings = RedisSettings()
     kafka: KafkaSettings = KafkaSettings()
     elasticsearch: ElasticsearchSettings = ElasticsearchSettings()
+    relay: RelaySettings = RelaySettings()
     stack: StackSettings = StackSettings()
 
 

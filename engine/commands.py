@@ -1,0 +1,212 @@
+"""The write side's command bus: one command, one transaction, its events in the outbox.
+
+``CommandBus.execute`` opens a transaction, claims the command id in
+``engine_commands``, runs the handler (which reads and changes the write model
+through the unit of work and records events), appends the events to the event
+log and outbox, stores the result and commits. Either all of that happens or
+none of it does.
+
+Idempotency: a command id is claimed with ``INSERT ... ON CONFLICT DO
+NOTHING``. A concurrent duplicate blocks on that insert until the first
+transaction ends; if the first committed, the duplicate finds its result and
+returns it unchanged (recording nothing); if the first rolled back, the
+duplicate proceeds as the first. The same id with different content is a
+client bug and is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+from uuid import UUID, uuid4
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine.errors import (
+    CommandIdReusedError,
+    ConfigurationError,
+    ConflictError,
+    ValidationFailedError,
+)
+from engine.events import DomainEvent
+from engine.postgres import outbox
+from engine.postgres.pool import CONNECTION_ERRORS, Connection, unavailable
+from engine.settings import PostgresSettings
+
+
+class Command(BaseModel):
+    """Base of every command: structurally validated, immutable, with an idempotency id."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+    command_id: UUID = Field(default_factory=uuid4)
+    correlation_id: UUID | None = None
+
+
+class CommandResult(BaseModel):
+    """What a command did: the aggregate, its new version and a consistency token."""
+
+    model_config = ConfigDict(frozen=True)
+
+    command_id: UUID
+    aggregate_id: str
+    version: int
+    # Global position of the last event recorded: a reader can wait until its
+    # projection has applied this position (read-your-writes).
+    position: int | None
+    event_types: list[str]
+    duplicate: bool = False
+
+
+C = TypeVar("C", bound=Command)
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    aggregate_type: str
+    aggregate_id: str
+    aggregate_version: int
+    event: DomainEvent
+
+
+@dataclass
+class UnitOfWork:
+    """What a handler gets: the transaction's connection and a place to record events."""
+
+    conn: Connection
+    command: Command
+    occurred_at: datetime
+    recorded: list[_Recorded] = field(default_factory=list)
+
+    def record(
+        self, aggregate_type: str, aggregate_id: str, aggregate_version: int, event: DomainEvent
+    ) -> None:
+        """Record ``event`` as version ``aggregate_version`` of the aggregate."""
+        self.recorded.append(_Recorded(aggregate_type, aggregate_id, aggregate_version, event))
+
+
+# A handler changes the write model and records events; it returns the id and
+# new version of the aggregate the command was about.
+Handler = Callable[[UnitOfWork, Any], Awaitable[tuple[str, int]]]
+
+
+def validate_command(model: type[C], data: Mapping[str, Any]) -> C:
+    """Build a command from untrusted input; the first problem names its field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or model.__name__
+        raise ValidationFailedError(where, first["msg"]) from exc
+
+
+def _payload_hash(command: Command) -> str:
+    body = command.model_dump_json(exclude={"command_id", "correlation_id"})
+    return hashlib.sha256(f"{type(command).__name__}:{body}".encode()).hexdigest()
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class CommandBus:
+    """Runs commands through their handlers, atomically and idempotently."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        handlers: Mapping[type[Command], Handler],
+        postgres: PostgresSettings,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self._pool = pool
+        self._handlers = dict(handlers)
+        self._postgres = postgres
+        self._clock = clock
+
+    async def execute(self, command: Command) -> CommandResult:
+        handler = self._handlers.get(type(command))
+        if handler is None:
+            raise ConfigurationError(f"no handler registered for {type(command).__name__}")
+        try:
+            return await self._execute(command, handler)
+        except asyncpg.UniqueViolationError as exc:
+            # Another writer recorded the same aggregate version first.
+            raise ConflictError(f"a concurrent command changed it first ({exc.detail})") from exc
+        except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError) as exc:
+            raise ConflictError("a concurrent command changed it first; retry") from exc
+        except CONNECTION_ERRORS as exc:
+            raise unavailable(self._postgres) from exc
+
+    async def _execute(self, command: Command, handler: Handler) -> CommandResult:
+        digest = _payload_hash(command)
+        async with self._pool.acquire() as conn, conn.transaction():
+            claimed = await conn.fetchval(
+                "INSERT INTO engine_commands (command_id, command_type, payload_hash, result)"
+                " VALUES ($1, $2, $3, '{}'::jsonb) ON CONFLICT (command_id) DO NOTHING"
+                " RETURNING true",
+                command.command_id,
+                type(command).__name__,
+                digest,
+            )
+            if not claimed:
+                return await _previous_result(conn, command, digest)
+            work = UnitOfWork(conn=conn, command=command, occurred_at=self._clock())
+            aggregate_id, version = await handler(work, command)
+            envelopes = await outbox.append(conn, _rows(work)) if work.recorded else []
+            result = CommandResult(
+                command_id=command.command_id,
+                aggregate_id=aggregate_id,
+                version=version,
+                position=envelopes[-1].position if envelopes else None,
+                event_types=[e.event_type for e in envelopes],
+            )
+            await conn.execute(
+                "UPDATE engine_commands SET result = $2::jsonb WHERE command_id = $1",
+                command.command_id,
+                result.model_dump_json(),
+            )
+            return result
+
+
+async def _previous_result(conn: Connection, command: Command, digest: str) -> CommandResult:
+    row = await conn.fetchrow(
+        "SELECT command_type, payload_hash, result FROM engine_commands WHERE command_id = $1",
+        command.command_id,
+    )
+    if row is None:  # cannot happen: the claim conflicted on this very id
+        raise ConflictError(f"command {command.command_id} vanished while being read; retry")
+    if row["payload_hash"] != digest or row["command_type"] != type(command).__name__:
+        raise CommandIdReusedError(
+            f"command id {command.command_id} was already used for a different "
+            f"{row['command_type']}; use a new id for a new command"
+        )
+    stored = json.loads(row["result"])
+    return CommandResult.model_validate({**stored, "duplicate": True})
+
+
+def _rows(
+    work: UnitOfWork,
+) -> list[tuple[UUID, str, int, str, str, int, datetime, UUID, UUID, str]]:
+    command = work.command
+    correlation = command.correlation_id or command.command_id
+    return [
+        (
+            uuid4(),
+            item.event.event_type,
+            item.event.schema_version,
+            item.aggregate_type,
+            item.aggregate_id,
+            item.aggregate_version,
+            work.occurred_at,
+            correlation,
+            command.command_id,
+            item.event.model_dump_json(),
+        )
+        for item in work.recorded
+    ]

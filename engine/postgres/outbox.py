@@ -1,0 +1,183 @@
+"""The event log and the transactional outbox.
+
+Every event is appended to ``engine_event_log`` (the permanent history that
+rebuilds replay) and queued in ``engine_outbox`` (what the relay still has to
+publish) in the transaction of the command that caused it, so an event exists
+if and only if the command's changes do.
+
+Why the relay does not follow a "position greater than the last one" cursor:
+``position`` comes from an identity sequence, assigned when a row is inserted,
+not when its transaction commits. A slow transaction can hold position 10
+while position 11 commits and is read; a cursor past 11 would never see 10.
+The outbox avoids that trap by construction: the relay reads *unpublished rows*
+(whatever their position) and marks them published only after Kafka
+acknowledged them, so a late commit is simply picked up by the next read.
+
+Why publishing in position order keeps each aggregate in version order: two
+events of one aggregate cannot commit out of order. ``(aggregate_type,
+aggregate_id, aggregate_version)`` is unique, so a second writer of the same
+version blocks on the first and then fails; a writer of the next version can
+only read the aggregate, and so insert, after the previous version committed,
+and its position is drawn later. Hence for one aggregate, version order,
+position order and visibility order agree.
+
+``tx_id`` (``pg_current_xact_id()``) is kept on every row so a reader of the
+log by position (a rebuild) can stop at a horizon below every transaction still
+in flight (``pg_snapshot_xmin``), where no earlier position can still appear.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from engine.events import EventEnvelope
+from engine.postgres.migrations import Migration
+from engine.postgres.pool import Connection
+
+NOTIFY_CHANNEL = "engine_outbox"
+
+ENGINE_MIGRATIONS = (
+    Migration(
+        "engine-0001-event-log-outbox-commands",
+        """
+        CREATE TABLE engine_event_log (
+            position          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            event_id          uuid NOT NULL UNIQUE,
+            event_type        text NOT NULL,
+            schema_version    integer NOT NULL CHECK (schema_version > 0),
+            aggregate_type    text NOT NULL,
+            aggregate_id      text NOT NULL,
+            aggregate_version integer NOT NULL CHECK (aggregate_version > 0),
+            occurred_at       timestamptz NOT NULL,
+            correlation_id    uuid NOT NULL,
+            causation_id      uuid NOT NULL,
+            payload           jsonb NOT NULL,
+            tx_id             xid8 NOT NULL DEFAULT pg_current_xact_id(),
+            UNIQUE (aggregate_type, aggregate_id, aggregate_version)
+        );
+        CREATE TABLE engine_outbox (
+            position     bigint PRIMARY KEY REFERENCES engine_event_log (position),
+            published_at timestamptz
+        );
+        CREATE INDEX engine_outbox_pending ON engine_outbox (position)
+            WHERE published_at IS NULL;
+        CREATE INDEX engine_outbox_published ON engine_outbox (published_at)
+            WHERE published_at IS NOT NULL;
+        CREATE TABLE engine_commands (
+            command_id   uuid PRIMARY KEY,
+            command_type text NOT NULL,
+            payload_hash text NOT NULL,
+            result       jsonb NOT NULL,
+            created_at   timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
+)
+
+_COLUMNS = (
+    "position, event_id, event_type, schema_version, aggregate_type, aggregate_id,"
+    " aggregate_version, occurred_at, correlation_id, causation_id, payload"
+)
+
+
+def _envelope(row: asyncpg.Record) -> EventEnvelope:
+    payload: Any = row["payload"]
+    return EventEnvelope(
+        position=row["position"],
+        event_id=row["event_id"],
+        event_type=row["event_type"],
+        schema_version=row["schema_version"],
+        aggregate_type=row["aggregate_type"],
+        aggregate_id=row["aggregate_id"],
+        aggregate_version=row["aggregate_version"],
+        occurred_at=row["occurred_at"],
+        correlation_id=row["correlation_id"],
+        causation_id=row["causation_id"],
+        payload=json.loads(payload) if isinstance(payload, str) else payload,
+    )
+
+
+async def append(
+    conn: Connection,
+    events: Sequence[tuple[UUID, str, int, str, str, int, datetime, UUID, UUID, str]],
+) -> list[EventEnvelope]:
+    """Append rows (in the caller's transaction) to the log and the outbox; wake the relay.
+
+    Each tuple is (event_id, event_type, schema_version, aggregate_type,
+    aggregate_id, aggregate_version, occurred_at, correlation_id, causation_id,
+    payload_json). The notification is delivered only if the transaction commits.
+    """
+    rows = await conn.fetch(
+        f"""
+        WITH new AS (
+            INSERT INTO engine_event_log (event_id, event_type, schema_version, aggregate_type,
+                aggregate_id, aggregate_version, occurred_at, correlation_id, causation_id,
+                payload)
+            SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[],
+                $6::int[], $7::timestamptz[], $8::uuid[], $9::uuid[], $10::jsonb[])
+            RETURNING {_COLUMNS}
+        ), queued AS (
+            INSERT INTO engine_outbox (position) SELECT position FROM new
+        )
+        SELECT {_COLUMNS} FROM new ORDER BY position
+        """,
+        *(list(column) for column in zip(*events, strict=True)),
+    )
+    await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+    return [_envelope(row) for row in rows]
+
+
+async def fetch_pending(conn: Connection, limit: int) -> list[EventEnvelope]:
+    """Committed, unpublished events in position order."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {", ".join("e." + c.strip() for c in _COLUMNS.split(","))}
+        FROM engine_outbox o JOIN engine_event_log e USING (position)
+        WHERE o.published_at IS NULL
+        ORDER BY o.position
+        LIMIT $1
+        """,
+        limit,
+    )
+    return [_envelope(row) for row in rows]
+
+
+async def mark_published(conn: Connection, positions: Sequence[int]) -> None:
+    await conn.execute(
+        "UPDATE engine_outbox SET published_at = now() WHERE position = ANY($1::bigint[])",
+        list(positions),
+    )
+
+
+async def purge_published(conn: Connection, retention_hours: float) -> int:
+    """Delete outbox rows published longer ago than the retention; the log keeps the events."""
+    status = await conn.execute(
+        "DELETE FROM engine_outbox WHERE published_at < now() - make_interval(secs => $1)",
+        retention_hours * 3600.0,
+    )
+    return int(status.split()[-1])
+
+
+async def pending_count(conn: Connection) -> int:
+    count = await conn.fetchval("SELECT count(*) FROM engine_outbox WHERE published_at IS NULL")
+    return int(count)
+
+
+async def read_log(conn: Connection, after_position: int, limit: int) -> list[EventEnvelope]:
+    """Events by position, only below the horizon of transactions still in flight."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM engine_event_log
+        WHERE position > $1 AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+        ORDER BY position LIMIT $2
+        """,
+        after_position,
+        limit,
+    )
+    return [_envelope(row) for row in rows]

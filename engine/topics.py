@@ -1,0 +1,43 @@
+"""Creating the event topic on start-up, with the configured partition count, if missing."""
+
+from __future__ import annotations
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from engine.errors import ServiceUnavailableError
+from engine.settings import KafkaSettings, env_var
+
+
+async def ensure_topic(kafka: KafkaSettings, topic: str | None = None) -> bool:
+    """Create ``topic`` (default: the configured one) if it does not exist; True if created."""
+    name = topic or kafka.topic
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=kafka.bootstrap_servers,
+        request_timeout_ms=int(kafka.request_timeout_s * 1000),
+    )
+    try:
+        await admin.start()
+        if name in await admin.list_topics():
+            return False
+        try:
+            await admin.create_topics(
+                [
+                    NewTopic(
+                        name,
+                        num_partitions=kafka.partitions,
+                        replication_factor=kafka.replication_factor,
+                    )
+                ]
+            )
+        except TopicAlreadyExistsError:
+            return False  # another process created it between our check and our create
+        return True
+    except KafkaError as exc:
+        raise ServiceUnavailableError(
+            "Kafka",
+            f"{kafka.bootstrap_servers} ({env_var('kafka', 'bootstrap_servers')})",
+            "Start the local stack with: ./dev up",
+        ) from exc
+    finally:
+        await admin.close()

@@ -1,0 +1,48 @@
+"""The orders domain: customers, products, orders with items, and their life cycle.
+
+Built on the engine's public API only (``import engine``).
+"""
+
+from engine import Application
+from projections.orders.commands import (
+    Address,
+    CancelOrder,
+    ChangeShippingAddress,
+    ConfirmOrder,
+    CreateOrder,
+    DeliverOrder,
+    OrderItemRequest,
+    RegisterCustomer,
+    RegisterProduct,
+    ShipOrder,
+)
+from projections.orders.events import registry
+from projections.orders.handlers import ORDER_HANDLERS
+from projections.orders.rules import InvalidTransitionError, OrderStatus
+from projections.orders.schema import ORDERS_MIGRATIONS
+
+APP = Application(
+    name="orders",
+    migrations=ORDERS_MIGRATIONS,
+    handlers=ORDER_HANDLERS,
+    registry=registry,
+)
+
+__all__ = [
+    "APP",
+    "ORDERS_MIGRATIONS",
+    "ORDER_HANDLERS",
+    "Address",
+    "CancelOrder",
+    "ChangeShippingAddress",
+    "ConfirmOrder",
+    "CreateOrder",
+    "DeliverOrder",
+    "InvalidTransitionError",
+    "OrderItemRequest",
+    "OrderStatus",
+    "RegisterCustomer",
+    "RegisterProduct",
+    "ShipOrder",
+    "registry",
+]
