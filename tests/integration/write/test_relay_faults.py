@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import uuid
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ from tests.helpers import (
 )
 
 ROOT = Path(__file__).resolve().parents[3]
+ENGINE = (sys.executable, "-m", "engine")
 
 
 async def _append_synthetic(pool: asyncpg.Pool, aggregates: int, versions: int) -> int:
@@ -44,7 +44,7 @@ async def _append_synthetic(pool: asyncpg.Pool, aggregates: int, versions: int) 
             now,
             uuid.uuid4(),
             uuid.uuid4(),
-            '{"n": %d}' % v,
+            f'{{"n": {v}}}',
         )
         for v in range(1, versions + 1)
         for a in range(aggregates)
@@ -74,12 +74,15 @@ async def test_relay_killed_with_sigkill_mid_run_delivers_everything_after_resta
     pool: asyncpg.Pool, settings_for_test: Settings
 ) -> None:
     total = await _append_synthetic(pool, aggregates=40, versions=300)
-    relay = subprocess.Popen(
-        [sys.executable, "-m", "engine", "relay", "--log-level", "warning"],
+    relay = await asyncio.create_subprocess_exec(
+        *ENGINE,
+        "relay",
+        "--log-level",
+        "warning",
         env=_relay_env(settings_for_test, batch_size=20),
         cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         loop = asyncio.get_running_loop()
@@ -89,20 +92,23 @@ async def test_relay_killed_with_sigkill_mid_run_delivers_everything_after_resta
             await asyncio.sleep(0.01)
     finally:
         relay.send_signal(signal.SIGKILL)
-        relay.wait(timeout=30)
+        await asyncio.wait_for(relay.wait(), timeout=30)
     at_kill = await _published(pool)
     assert 0 < at_kill < total, "the kill must land in the middle of the run"
 
-    again = subprocess.run(
-        [sys.executable, "-m", "engine", "relay", "--once", "--log-level", "warning"],
+    again = await asyncio.create_subprocess_exec(
+        *ENGINE,
+        "relay",
+        "--once",
+        "--log-level",
+        "warning",
         env=_relay_env(settings_for_test, batch_size=500),
         cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
-    assert again.returncode == 0, again.stderr
+    _, stderr = await asyncio.wait_for(again.communicate(), timeout=300)
+    assert again.returncode == 0, stderr.decode()
     assert await _published(pool) == total
 
     events = await consume(settings_for_test.kafka, total, timeout_s=120)
