@@ -35,7 +35,7 @@ from engine.errors import (
 )
 from engine.events import DomainEvent
 from engine.postgres import outbox
-from engine.postgres.pool import CONNECTION_ERRORS, Connection, unavailable
+from engine.postgres.pool import CONNECTION_ERRORS, Connection, not_migrated, unavailable
 from engine.settings import PostgresSettings
 
 
@@ -140,6 +140,8 @@ class CommandBus:
             raise ConflictError(f"a concurrent command changed it first ({exc.detail})") from exc
         except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError) as exc:
             raise ConflictError("a concurrent command changed it first; retry") from exc
+        except asyncpg.UndefinedTableError as exc:
+            raise not_migrated(exc) from exc
         except CONNECTION_ERRORS as exc:
             raise unavailable(self._postgres) from exc
 

@@ -36,7 +36,7 @@ from aiokafka.errors import KafkaError
 from engine import codec
 from engine.errors import TransientError
 from engine.postgres import outbox
-from engine.postgres.pool import CONNECTION_ERRORS
+from engine.postgres.pool import CONNECTION_ERRORS, not_migrated
 from engine.settings import KafkaSettings, PostgresSettings, RelaySettings
 from engine.topics import ensure_topic
 
@@ -100,6 +100,12 @@ class OutboxRelay:
         return self.stats.published - before
 
     async def _lead(self, stop: asyncio.Event, *, until_caught_up: bool) -> None:
+        try:
+            await self._lead_once(stop, until_caught_up=until_caught_up)
+        except asyncpg.UndefinedTableError as exc:
+            raise not_migrated(exc) from exc  # a ConfigurationError: retrying cannot help
+
+    async def _lead_once(self, stop: asyncio.Event, *, until_caught_up: bool) -> None:
         conn = await asyncpg.connect(self._postgres.dsn(), timeout=10)
         try:
             await self._become_leader(conn, stop)

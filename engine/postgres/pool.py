@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 
-from engine.errors import ServiceUnavailableError
+from engine.errors import ConfigurationError, ServiceUnavailableError
 from engine.settings import PostgresSettings, env_var
 
 if TYPE_CHECKING:
@@ -33,6 +33,12 @@ async def create_pool(settings: PostgresSettings) -> asyncpg.Pool:
     except CONNECTION_ERRORS as exc:
         raise unavailable(settings) from exc
     return pool
+
+
+def not_migrated(exc: asyncpg.UndefinedTableError) -> ConfigurationError:
+    return ConfigurationError(
+        f"the database schema is missing ({exc}); create it with: engine migrate"
+    )
 
 
 def unavailable(settings: PostgresSettings) -> ServiceUnavailableError:

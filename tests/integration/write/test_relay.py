@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from engine import CommandBus, ConflictError, OutboxRelay, RelaySettings, Settings
 from engine.postgres import outbox
@@ -24,7 +25,7 @@ HOLD_LOCK = 777_777
 
 
 def _relay(settings: Settings, name: str = "relay", **overrides: float) -> OutboxRelay:
-    relay_settings = RelaySettings(poll_interval_s=0.2, standby_retry_s=0.1, **overrides)
+    relay_settings = RelaySettings(**{"poll_interval_s": 0.2, "standby_retry_s": 0.1, **overrides})
     return OutboxRelay(settings.postgres, settings.kafka, relay_settings, name=name)
 
 
@@ -190,3 +191,39 @@ async def test_published_rows_are_purged_after_retention_but_the_log_keeps_them(
     await _relay(settings_for_test, retention_hours=0).drain()
     assert await pool.fetchval("SELECT count(*) FROM engine_outbox") == 0
     assert await pool.fetchval("SELECT count(*) FROM engine_event_log") == total
+
+
+async def test_notify_wakes_the_relay_long_before_its_poll(
+    bus: CommandBus, pool: asyncpg.Pool, settings_for_test: Settings
+) -> None:
+    stop = asyncio.Event()
+    relay = _relay(settings_for_test, poll_interval_s=60.0)
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        for _ in range(200):
+            if relay.is_leader:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # let it finish its first (empty) read and go to sleep
+        await new_customer(bus)
+        # With a 60 s poll, only the notification can make this happen within the wait.
+        await _wait_until_published(pool, timeout_s=10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
+    assert relay.stats.published == 1
+
+
+async def test_the_topic_is_created_with_the_configured_partitions(
+    bus: CommandBus, settings_for_test: Settings
+) -> None:
+    await new_customer(bus)
+    await _relay(settings_for_test).drain()
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings_for_test.kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        [described] = await admin.describe_topics([settings_for_test.kafka.topic])
+    finally:
+        await admin.close()
+    partitions = {p["partition"] for p in described["partitions"]}
+    assert partitions == set(range(settings_for_test.kafka.partitions))
