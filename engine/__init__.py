@@ -34,10 +34,20 @@ from engine.errors import (
 )
 from engine.events import DomainEvent, EventEnvelope
 from engine.postgres.migrations import Migration, migrate
-from engine.postgres.outbox import ENGINE_MIGRATIONS
 from engine.postgres.pool import Connection, create_pool
+from engine.postgres.schema import ENGINE_MIGRATIONS
+from engine.projection import (
+    Document,
+    DocumentProjection,
+    Projected,
+    Projection,
+    ProjectionStore,
+    SqlProjection,
+)
 from engine.registry import EventRegistry
 from engine.relay import OutboxRelay
+from engine.resources import Resources, open_resources
+from engine.runner import ProjectionRunner
 from engine.settings import (
     ElasticsearchSettings,
     KafkaSettings,
@@ -47,6 +57,9 @@ from engine.settings import (
     Settings,
     StackSettings,
 )
+from engine.stores.elasticsearch import ElasticsearchDocumentStore
+from engine.stores.postgres import PostgresDocumentStore, PostgresSqlStore
+from engine.stores.redis import RedisHashStore
 from engine.topics import ensure_topic
 
 __all__ = [
@@ -59,7 +72,10 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "Connection",
+    "Document",
+    "DocumentProjection",
     "DomainEvent",
+    "ElasticsearchDocumentStore",
     "ElasticsearchSettings",
     "EngineError",
     "EventDecodeError",
@@ -74,12 +90,21 @@ __all__ = [
     "OutboxRelay",
     "PoisonError",
     "PortInUseError",
+    "PostgresDocumentStore",
     "PostgresSettings",
+    "PostgresSqlStore",
+    "Projected",
+    "Projection",
+    "ProjectionRunner",
+    "ProjectionStore",
+    "RedisHashStore",
     "RedisSettings",
     "RelaySettings",
+    "Resources",
     "RuleViolationError",
     "ServiceUnavailableError",
     "Settings",
+    "SqlProjection",
     "StackError",
     "StackSettings",
     "TransientError",
@@ -90,5 +115,6 @@ __all__ = [
     "ensure_topic",
     "load_application",
     "migrate",
+    "open_resources",
     "validate_command",
 ]

@@ -8,24 +8,34 @@ another domain.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from engine.commands import Command, Handler
 from engine.errors import ConfigurationError
 from engine.postgres.migrations import Migration
-from engine.postgres.outbox import ENGINE_MIGRATIONS
+from engine.postgres.schema import ENGINE_MIGRATIONS
+from engine.projection import Projection, ProjectionStore
 from engine.registry import EventRegistry
+from engine.resources import Resources
+
+# Builds the projections of an application, each paired with its store.
+ProjectionFactory = Callable[[Resources], Sequence[tuple[Projection, ProjectionStore]]]
+
+
+def _no_projections(_resources: Resources) -> Sequence[tuple[Projection, ProjectionStore]]:
+    return ()
 
 
 @dataclass(frozen=True)
 class Application:
-    """A domain: its write-model migrations, its command handlers and its event registry."""
+    """A domain: its write-model migrations, command handlers, events and projections."""
 
     name: str
     migrations: Sequence[Migration]
     handlers: Mapping[type[Command], Handler]
     registry: EventRegistry
+    projections: ProjectionFactory = field(default=_no_projections)
 
     def all_migrations(self) -> list[Migration]:
         """The engine's own tables first, then the domain's."""

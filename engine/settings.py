@@ -53,6 +53,8 @@ class RedisSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=63790, ge=1, le=65535)
     db: int = Field(default=0, ge=0)
+    # Every key the engine writes starts with this, so one Redis can serve several engines.
+    key_prefix: str = "engine:"
 
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/{self.db}"
@@ -102,6 +104,22 @@ class RelaySettings(_Section):
     standby_retry_s: float = Field(default=1.0, gt=0)
 
 
+class RunnerSettings(_Section):
+    """The projection daemon (``engine run``)."""
+
+    group_id: str = "engine-projections"
+    # A batch closes at batch_size events or after max_latency_ms, whichever comes first.
+    batch_size: int = Field(default=1000, ge=1, le=50_000)
+    max_latency_ms: int = Field(default=100, ge=1, le=60_000)
+    # Batches a projection may fall behind before it is detached and catches up alone.
+    lane_queue_batches: int = Field(default=20, ge=1, le=10_000)
+    # A handler that keeps failing (not a store outage) this many times is dead-lettered.
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    backoff_initial_s: float = Field(default=0.2, gt=0)
+    backoff_max_s: float = Field(default=10.0, gt=0)
+    shutdown_timeout_s: float = Field(default=20.0, gt=0)
+
+
 class StackSettings(_Section):
     """The native local stack (``engine stack``): where it keeps its data and how big it is.
 
@@ -137,6 +155,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     elasticsearch: ElasticsearchSettings = ElasticsearchSettings()
     relay: RelaySettings = RelaySettings()
+    runner: RunnerSettings = RunnerSettings()
     stack: StackSettings = StackSettings()
 
 

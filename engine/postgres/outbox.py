@@ -42,7 +42,7 @@ from engine.postgres.pool import Connection
 
 NOTIFY_CHANNEL = "engine_outbox"
 
-ENGINE_MIGRATIONS = (
+OUTBOX_MIGRATIONS = (
     Migration(
         "engine-0001-event-log-outbox-commands",
         """

@@ -20,12 +20,14 @@ from projections.orders.events import registry
 from projections.orders.handlers import ORDER_HANDLERS
 from projections.orders.rules import InvalidTransitionError, OrderStatus
 from projections.orders.schema import ORDERS_MIGRATIONS
+from projections.orders.wiring import build_projections
 
 APP = Application(
     name="orders",
     migrations=ORDERS_MIGRATIONS,
     handlers=ORDER_HANDLERS,
     registry=registry,
+    projections=build_projections,
 )
 
 __all__ = [

@@ -9,12 +9,21 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from engine import CommandBus, KafkaSettings, Settings, create_pool, migrate
+from engine import (
+    CommandBus,
+    KafkaSettings,
+    Resources,
+    Settings,
+    create_pool,
+    migrate,
+    open_resources,
+)
 from projections.orders import APP
 
 # Tables a test may fill; emptied before each test that uses the write side.
 _TABLES = (
-    "order_items, orders, products, customers, engine_outbox, engine_event_log, engine_commands"
+    "order_items, orders, products, customers, engine_outbox, engine_event_log, engine_commands,"
+    " engine_projection_versions, engine_dead_letters, engine_projection_checkpoints"
 )
 
 
@@ -55,10 +64,23 @@ def test_db(stack: Settings) -> Iterator[Settings]:
 
 @pytest.fixture
 def settings_for_test(test_db: Settings) -> Settings:
-    """The test database, plus a Kafka topic of this test's own."""
-    topic = f"test.events.{uuid.uuid4().hex[:12]}"
-    kafka: KafkaSettings = test_db.kafka.model_copy(update={"topic": topic, "partitions": 3})
-    return test_db.model_copy(update={"kafka": kafka})
+    """The test database, plus a Kafka topic, group, Redis prefix and index prefix of its own."""
+    tag = uuid.uuid4().hex[:12]
+    kafka: KafkaSettings = test_db.kafka.model_copy(
+        update={"topic": f"test.events.{tag}", "partitions": 3}
+    )
+    return test_db.model_copy(
+        update={
+            "kafka": kafka,
+            "runner": test_db.runner.model_copy(
+                update={"group_id": f"test-{tag}", "max_latency_ms": 50}
+            ),
+            "redis": test_db.redis.model_copy(update={"key_prefix": f"test:{tag}:"}),
+            "elasticsearch": test_db.elasticsearch.model_copy(
+                update={"index_prefix": f"test-{tag}"}
+            ),
+        }
+    )
 
 
 @pytest.fixture
@@ -66,8 +88,27 @@ async def pool(settings_for_test: Settings) -> AsyncIterator[asyncpg.Pool]:
     pool = await create_pool(settings_for_test.postgres)
     async with pool.acquire() as conn:
         await conn.execute(f"TRUNCATE {_TABLES} RESTART IDENTITY CASCADE")
+        await conn.execute(
+            "DROP TABLE IF EXISTS order_details, customer_orders, order_stats_daily,"
+            " order_stats_orders"
+        )
     yield pool
     await pool.close()
+
+
+@pytest.fixture
+async def resources(settings_for_test: Settings, pool: asyncpg.Pool) -> AsyncIterator[Resources]:
+    """Open connections to every store, for this test's names; cleaned up afterwards."""
+    async with open_resources(settings_for_test) as opened:
+        yield opened
+        prefix = settings_for_test.redis.key_prefix
+        keys = [key async for key in opened.redis.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await opened.redis.delete(*keys)
+        pattern = f"{settings_for_test.elasticsearch.index_prefix}-*"
+        indices = await opened.elasticsearch.indices.get(index=pattern, allow_no_indices=True)
+        if indices:  # deleting by wildcard is refused (destructive_requires_name)
+            await opened.elasticsearch.indices.delete(index=",".join(indices))
 
 
 @pytest.fixture

@@ -1,0 +1,30 @@
+"""Assembling a projection daemon from settings, an application and open resources."""
+
+from __future__ import annotations
+
+from engine.application import Application
+from engine.lane import Lane
+from engine.postgres.checkpoints import CheckpointStore
+from engine.postgres.deadletters import DeadLetterStore
+from engine.resources import Resources
+from engine.runner import ProjectionRunner
+
+
+def build_runner(application: Application, resources: Resources) -> ProjectionRunner:
+    """A runner with one lane per projection of ``application``."""
+    settings = resources.settings
+    dead_letters = DeadLetterStore(resources.pool)
+    checkpoints = CheckpointStore(resources.pool)
+    lanes = [
+        Lane(
+            projection,
+            store,
+            settings=settings.runner,
+            dead_letters=dead_letters,
+            checkpoints=checkpoints,
+        )
+        for projection, store in application.projections(resources)
+    ]
+    return ProjectionRunner(
+        settings.kafka, settings.runner, application.registry, lanes, dead_letters
+    )

@@ -1,0 +1,211 @@
+"""A lane: one projection, its store, its queue of batches and its progress per partition.
+
+Each lane applies batches on its own task, so a slow or failing store holds
+back only its own lane. Failures are handled by kind:
+
+- a :class:`TransientError` (the store is down or slow) is retried with
+  capped, jittered backoff for as long as it takes: an outage is not the
+  event's fault, so it is never dead-lettered;
+- anything else (a bug in the projection, a document the store rejects) is
+  retried ``max_attempts`` times, then the batch is applied event by event and
+  only the events that still fail are dead-lettered, so one bad event never
+  blocks its partition.
+
+``next_offset[tp]`` is the lowest offset of partition ``tp`` this lane has not
+finished; the runner commits, per partition, the minimum over all lanes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from engine.errors import TransientError
+from engine.postgres.checkpoints import CheckpointStore
+from engine.postgres.deadletters import DeadLetterStore, NewDeadLetter
+from engine.projection import Projected, Projection, ProjectionStore
+from engine.settings import RunnerSettings
+
+log = logging.getLogger("engine.runner")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One Kafka message as the runner received it; ``item`` is None for poison."""
+
+    tp: TopicPartition
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+    item: Projected | None
+
+
+Batch = list[Delivery]
+
+
+def dead_letter(
+    delivery: Delivery, projection: str, error: BaseException, attempts: int
+) -> NewDeadLetter:
+    headers = {k: v.decode(errors="replace") for k, v in delivery.headers}
+    return NewDeadLetter(
+        projection=projection,
+        topic=delivery.tp.topic,
+        partition=delivery.tp.partition,
+        offset=delivery.offset,
+        key=delivery.key,
+        value=delivery.value,
+        headers=headers,
+        event_type=headers.get("event_type"),
+        error=f"{type(error).__name__}: {error}",
+        attempts=attempts,
+    )
+
+
+class Lane:
+    """Applies batches to one projection's store, in order, on its own task."""
+
+    def __init__(
+        self,
+        projection: Projection,
+        store: ProjectionStore,
+        *,
+        settings: RunnerSettings,
+        dead_letters: DeadLetterStore,
+        checkpoints: CheckpointStore,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.projection = projection
+        self.store = store
+        self._settings = settings
+        self._dead_letters = dead_letters
+        self._checkpoints = checkpoints
+        self._jitter = jitter
+        self.queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=settings.lane_queue_batches)
+        self.next_offset: dict[TopicPartition, int] = {}
+        self.detached = False
+        self.failing: str | None = None
+        self.applied = 0
+        self.busy = False
+
+    @property
+    def name(self) -> str:
+        return self.projection.name
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy and self.queue.empty()
+
+    def note_start(self, batch: Batch) -> None:
+        """Remember the first offset of each partition this lane is responsible for."""
+        for delivery in batch:
+            self.next_offset.setdefault(delivery.tp, delivery.offset)
+
+    async def run(self) -> None:
+        """Take batches from the queue for ever (the runner cancels this task)."""
+        while True:
+            batch = await self.queue.get()
+            self.busy = True
+            try:
+                await self.process(batch)
+            finally:
+                self.busy = False
+                self.queue.task_done()
+
+    async def process(self, batch: Batch) -> None:
+        wanted = [d for d in batch if d.item is not None and self.projection.wants(d.item.envelope)]
+        if wanted:
+            await self._apply(wanted)
+        for delivery in batch:
+            done = delivery.offset + 1
+            if self.next_offset.get(delivery.tp, -1) < done:
+                self.next_offset[delivery.tp] = done
+
+    async def _apply(self, deliveries: list[Delivery]) -> None:
+        attempts = 0
+        delay = self._settings.backoff_initial_s
+        while True:
+            try:
+                changed = await self.store.apply([d.item for d in deliveries if d.item])
+            except TransientError as exc:
+                await self._note_failure(exc)
+            except Exception as exc:  # the projection's own code: a bug or a poison event
+                attempts += 1
+                await self._note_failure(exc)
+                if attempts >= self._settings.max_attempts:
+                    await self._isolate_poison(deliveries, attempts)
+                    return
+            else:
+                await self._done(deliveries, changed)
+                return
+            await asyncio.sleep(self._backoff(delay))
+            delay = min(self._settings.backoff_max_s, delay * 2)
+
+    async def _isolate_poison(self, deliveries: list[Delivery], attempts: int) -> None:
+        """Apply one event at a time; dead-letter exactly the ones that still fail."""
+        for delivery in deliveries:
+            delay = self._settings.backoff_initial_s
+            while True:
+                try:
+                    changed = await self.store.apply([delivery.item] if delivery.item else [])
+                except TransientError as exc:
+                    await self._note_failure(exc)
+                    await asyncio.sleep(self._backoff(delay))
+                    delay = min(self._settings.backoff_max_s, delay * 2)
+                    continue
+                except Exception as exc:
+                    log.error(
+                        "%s: dead-lettering offset %s of %s: %s",
+                        self.name,
+                        delivery.offset,
+                        delivery.tp,
+                        exc,
+                    )
+                    await self._record(dead_letter(delivery, self.name, exc, attempts))
+                else:
+                    await self._done([delivery], changed)
+                break
+
+    async def _record(self, letter: NewDeadLetter) -> None:
+        """Record a dead letter, waiting out a Postgres outage: skipping it silently is loss."""
+        delay = self._settings.backoff_initial_s
+        while True:
+            try:
+                await self._dead_letters.record([letter])
+                return
+            except Exception as exc:
+                log.warning("%s: cannot record a dead letter yet: %s", self.name, exc)
+                await asyncio.sleep(self._backoff(delay))
+                delay = min(self._settings.backoff_max_s, delay * 2)
+
+    def _backoff(self, delay: float) -> float:
+        return min(self._settings.backoff_max_s, delay) * (0.5 + self._jitter() / 2)
+
+    async def _note_failure(self, exc: BaseException) -> None:
+        self.failing = f"{type(exc).__name__}: {exc}"
+        log.warning("%s: %s (retrying)", self.name, self.failing)
+        await _best_effort(self._checkpoints.failed(self.name, self.failing))
+
+    async def _done(self, deliveries: list[Delivery], changed: int) -> None:
+        self.failing = None
+        self.applied += changed
+        last = max((d.item for d in deliveries if d.item), key=lambda i: i.envelope.position)
+        await _best_effort(
+            self._checkpoints.advance(
+                self.name, last.envelope.position, last.envelope.occurred_at, changed
+            )
+        )
+
+
+async def _best_effort(step: Any) -> None:
+    """Checkpoints are for operators; losing one (Postgres blip) must not stop a lane."""
+    try:
+        await step
+    except Exception as exc:
+        log.debug("checkpoint not written: %s", exc)

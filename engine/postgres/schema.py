@@ -1,0 +1,9 @@
+"""The engine's own tables, in the order they are created."""
+
+from __future__ import annotations
+
+from engine.postgres.deadletters import DEAD_LETTER_MIGRATIONS
+from engine.postgres.outbox import OUTBOX_MIGRATIONS
+from engine.stores.postgres import PROJECTION_MIGRATIONS
+
+ENGINE_MIGRATIONS = (*OUTBOX_MIGRATIONS, *PROJECTION_MIGRATIONS, *DEAD_LETTER_MIGRATIONS)

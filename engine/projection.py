@@ -1,0 +1,117 @@
+"""The projection API: what a projection is, and the store seam it writes through.
+
+A projection names the events it handles, a version, and is paired with a
+store. Two shapes cover most read models:
+
+- :class:`DocumentProjection`: one document per aggregate, computed by a pure
+  fold ``apply(doc, event) -> doc``. The store loads the current documents of
+  a batch's aggregates, folds the batch in memory and writes each document
+  once, gated on the aggregate version, so any store that can do a conditional
+  write (Postgres upsert ``WHERE version <``, a Redis Lua script, Elasticsearch
+  external versioning) gives idempotent, ordered application in bulk.
+- :class:`SqlProjection`: free-form SQL in the store's transaction, for read
+  models that span aggregates (statistics). The Postgres store gates each
+  event on a per-aggregate version row written in the same transaction.
+
+Versions are the event's own per-aggregate version, never a Kafka offset:
+offsets change when a topic is recreated or repartitioned, versions do not.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from engine.events import DomainEvent, EventEnvelope
+
+Document = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Projected:
+    """One event as a projection sees it: the envelope and its decoded model."""
+
+    envelope: EventEnvelope
+    event: DomainEvent
+
+    @property
+    def aggregate_id(self) -> str:
+        return self.envelope.aggregate_id
+
+    @property
+    def version(self) -> int:
+        return self.envelope.aggregate_version
+
+
+class Projection(ABC):
+    """Base of every projection. Subclasses set ``name``, ``handles`` and ``version``."""
+
+    name: ClassVar[str]
+    handles: ClassVar[frozenset[str]]
+    # Bump when the projection's output changes shape: a rebuild is then due.
+    version: ClassVar[int] = 1
+
+    def wants(self, envelope: EventEnvelope) -> bool:
+        return envelope.event_type in self.handles
+
+
+class DocumentProjection(Projection):
+    """One document per aggregate, folded from its events in version order."""
+
+    @abstractmethod
+    def apply(self, doc: Document | None, item: Projected) -> Document:
+        """The document after ``item`` (``doc`` is None before the first). Pure: no I/O.
+
+        Documents travel through JSON-like stores: treat values of ``doc`` as
+        what the store gives back (strings in Redis), and overwrite rather than
+        compute from them where you can.
+        """
+
+
+class SqlProjection(Projection):
+    """Free-form SQL, run in the Postgres store's transaction with its progress."""
+
+    schema: ClassVar[str] = ""
+
+    @abstractmethod
+    async def apply_batch(self, conn: Any, items: Sequence[Projected]) -> None:
+        """Apply ``items`` (already de-duplicated, in order per aggregate) using ``conn``."""
+
+
+class ProjectionStore(Protocol):
+    """The seam between the runner and one store. A new store implements these three.
+
+    ``apply`` must be atomic with its own progress record: after it returns,
+    every event in ``items`` is durably applied or was already applied; if it
+    raises, re-applying the same items later must give the same result.
+    """
+
+    async def setup(self) -> None: ...
+
+    async def apply(self, items: Sequence[Projected]) -> int:
+        """Apply the items; return how many changed the store (the rest were duplicates)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def fold(
+    projection: DocumentProjection,
+    current: dict[str, tuple[Document | None, int]],
+    items: Sequence[Projected],
+) -> dict[str, tuple[Document, int]]:
+    """Fold ``items`` into ``current`` (aggregate id -> (doc, version)); return what changed.
+
+    An item whose version is not above the document's version was applied
+    before (a redelivery) and is skipped, so folding is idempotent.
+    """
+    changed: dict[str, tuple[Document, int]] = {}
+    for item in items:
+        base: tuple[Document | None, int] = current.get(item.aggregate_id, (None, 0))
+        doc, version = changed.get(item.aggregate_id, base)
+        if item.version <= version:
+            continue
+        changed[item.aggregate_id] = (projection.apply(doc, item), item.version)
+    return changed

@@ -1,0 +1,46 @@
+"""The connections a projection daemon holds, opened once and closed on the way out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as aioredis
+from elasticsearch import AsyncElasticsearch
+
+from engine.postgres.pool import create_pool
+from engine.settings import Settings
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What projection factories build their stores from."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+    elasticsearch: AsyncElasticsearch
+
+
+@asynccontextmanager
+async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
+    pool = await create_pool(settings.postgres)
+    redis_client = aioredis.Redis(
+        host=settings.redis.host,
+        port=settings.redis.port,
+        db=settings.redis.db,
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        decode_responses=True,
+    )
+    es = AsyncElasticsearch(
+        settings.elasticsearch.url, request_timeout=settings.elasticsearch.request_timeout_s
+    )
+    try:
+        yield Resources(settings=settings, pool=pool, redis=redis_client, elasticsearch=es)
+    finally:
+        await es.close()
+        await redis_client.aclose()
+        await pool.close()

@@ -1,0 +1,1 @@
+"""Projection stores: Postgres, Redis and Elasticsearch behind one small protocol."""

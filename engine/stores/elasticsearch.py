@@ -1,0 +1,146 @@
+"""Elasticsearch projection store: one document per aggregate, written with compare-and-set.
+
+Progress lives in the document: its ``_v`` field is the aggregate version it
+reflects. A batch is applied with one ``_mget`` (real-time, so it sees writes
+not yet refreshed) and one ``_bulk``: existing documents are replaced with
+``if_seq_no``/``if_primary_term`` (they must not have changed since the read),
+new ones with ``create`` (they must not exist yet). A document that changed
+meanwhile answers 409 and is re-read and re-folded.
+
+Why compare-and-set and not ``version_type=external`` with the aggregate
+version: both make a redelivered or older event harmless, but external
+versioning only compares numbers, so a document folded from a stale read (two
+daemons overlapping on a partition during a rebalance) would still be accepted
+if its number is higher, silently dropping the event in between. Compare-and-
+set rejects any write whose base moved, and the fold skips versions at or below
+``_v``, so the outcome is the same as applying every event once, in order.
+
+The projection writes through an alias (``{alias}`` -> ``{alias}-v{n}``) so a
+rebuild can fill a new index and switch the alias atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from elasticsearch import ApiError, AsyncElasticsearch, NotFoundError, TransportError
+
+from engine.errors import PoisonError, ServiceUnavailableError, TransientError
+from engine.projection import Document, DocumentProjection, Projected, fold
+
+VERSION_FIELD = "_v"
+_MAX_CAS_ROUNDS = 5
+
+
+class ElasticsearchDocumentStore:
+    """Documents of the index behind ``alias``, folded by a document projection."""
+
+    def __init__(
+        self,
+        client: AsyncElasticsearch,
+        projection: DocumentProjection,
+        alias: str,
+        mappings: Mapping[str, Any],
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._client = client
+        self._projection = projection
+        self.alias = alias
+        self._mappings = {**mappings}
+        self._settings = dict(settings or {"number_of_shards": 1, "number_of_replicas": 0})
+
+    async def setup(self) -> None:
+        """Create ``{alias}-v1`` with the mapping and point the alias at it, if missing."""
+        try:
+            if await self._client.indices.exists_alias(name=self.alias):
+                return
+            index = f"{self.alias}-v1"
+            await self.create_index(index)
+            await self._client.indices.put_alias(index=index, name=self.alias)
+        except TransportError as exc:
+            raise ServiceUnavailableError("Elasticsearch", str(exc)) from exc
+
+    async def create_index(self, index: str) -> None:
+        properties = {**self._mappings.get("properties", {}), VERSION_FIELD: {"type": "integer"}}
+        await self._client.indices.create(
+            index=index,
+            mappings={**self._mappings, "properties": properties},
+            settings=self._settings,
+        )
+
+    async def apply(self, items: Sequence[Projected]) -> int:
+        try:
+            return await self._apply(items)
+        except TransportError as exc:
+            raise ServiceUnavailableError("Elasticsearch", str(exc)) from exc
+        except ApiError as exc:
+            if exc.meta.status >= 500 or exc.meta.status == 429:
+                raise TransientError(f"Elasticsearch answered {exc.meta.status}") from exc
+            raise
+
+    async def _apply(self, items: Sequence[Projected]) -> int:
+        pending = list(items)
+        written = 0
+        for _ in range(_MAX_CAS_ROUNDS):
+            ids = sorted({item.aggregate_id for item in pending})
+            current, stamps = await self._read(ids)
+            changed = fold(self._projection, current, pending)
+            if not changed:
+                return written
+            conflicts = await self._write(changed, stamps)
+            written += len(changed) - len(conflicts)
+            if not conflicts:
+                return written
+            pending = [item for item in pending if item.aggregate_id in conflicts]
+        raise TransientError(f"documents kept changing under {self._projection.name}; retrying")
+
+    async def _read(
+        self, ids: Sequence[str]
+    ) -> tuple[dict[str, tuple[Document | None, int]], dict[str, tuple[str, int, int]]]:
+        try:
+            found = await self._client.mget(index=self.alias, ids=list(ids), realtime=True)
+        except NotFoundError as exc:
+            raise TransientError(f"index {self.alias} is missing; run setup") from exc
+        current: dict[str, tuple[Document | None, int]] = {}
+        stamps: dict[str, tuple[str, int, int]] = {}
+        for doc in found["docs"]:
+            if doc.get("found"):
+                source = dict(doc["_source"])
+                current[doc["_id"]] = (source, int(source.pop(VERSION_FIELD, 0)))
+                stamps[doc["_id"]] = (doc["_index"], doc["_seq_no"], doc["_primary_term"])
+        return current, stamps
+
+    async def _write(
+        self, changed: dict[str, tuple[Document, int]], stamps: dict[str, tuple[str, int, int]]
+    ) -> set[str]:
+        operations: list[dict[str, Any]] = []
+        for doc_id, (doc, version) in changed.items():
+            if doc_id in stamps:
+                index, seq_no, term = stamps[doc_id]
+                action = {
+                    "index": {
+                        "_index": index,
+                        "_id": doc_id,
+                        "if_seq_no": seq_no,
+                        "if_primary_term": term,
+                    }
+                }
+            else:
+                action = {"create": {"_index": self.alias, "_id": doc_id}}
+            operations += [action, {**doc, VERSION_FIELD: version}]
+        response = await self._client.bulk(operations=operations)
+        conflicts: set[str] = set()
+        for entry in response["items"]:
+            result = next(iter(entry.values()))
+            status = result.get("status", 200)
+            if status == 409:
+                conflicts.add(result["_id"])
+            elif status >= 500 or status == 429:
+                raise TransientError(f"Elasticsearch refused a write ({status}): {result}")
+            elif status >= 400:
+                raise PoisonError(f"Elasticsearch rejected document {result['_id']}: {result}")
+        return conflicts
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,187 @@
+"""Postgres projection stores: progress in the same transaction as the effect.
+
+Both stores take a transaction-scoped advisory lock per (projection, aggregate)
+before reading, in sorted order (no deadlocks), so two daemons that briefly
+process the same partition during a rebalance serialize per aggregate instead
+of folding from a stale base.
+
+- :class:`PostgresDocumentStore`: one row per aggregate; the row's ``version``
+  column is the progress record, and the upsert only replaces a row whose
+  version is lower.
+- :class:`PostgresSqlStore`: free-form SQL; progress is a row per
+  (projection, aggregate) in ``engine_projection_versions``, read ``FOR
+  UPDATE``-equivalent (advisory lock) and advanced in the same transaction.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from decimal import Decimal
+
+import asyncpg
+
+from engine.errors import ServiceUnavailableError, TransientError
+from engine.postgres.migrations import Migration
+from engine.postgres.pool import CONNECTION_ERRORS, Connection
+from engine.projection import Document, DocumentProjection, Projected, SqlProjection, fold
+
+PROJECTION_MIGRATIONS = (
+    Migration(
+        "engine-0002-projection-progress",
+        """
+        CREATE TABLE engine_projection_versions (
+            projection   text NOT NULL,
+            aggregate_id text NOT NULL,
+            version      integer NOT NULL,
+            PRIMARY KEY (projection, aggregate_id)
+        );
+        """,
+    ),
+)
+
+_LOCK_KEYS = """
+    SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || k, 0))
+    FROM unnest($2::text[]) AS k ORDER BY k
+"""
+
+
+def _translate(exc: BaseException, what: str) -> TransientError:
+    if isinstance(exc, CONNECTION_ERRORS):
+        return ServiceUnavailableError("PostgreSQL", what)
+    return TransientError(f"PostgreSQL ({what}): {exc}")
+
+
+TRANSIENT_PG = (
+    *CONNECTION_ERRORS,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.QueryCanceledError,
+)
+
+
+def _json_default(value: object) -> str:
+    return str(value)  # Decimal, datetime, UUID: their text form is what Postgres parses
+
+
+class PostgresDocumentStore:
+    """Rows of ``table`` (one per aggregate, keyed by ``key_column``) folded by a projection."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        projection: DocumentProjection,
+        table: str,
+        schema: str,
+        key_column: str = "id",
+    ) -> None:
+        self._pool = pool
+        self._projection = projection
+        self.table = table
+        self._schema = schema
+        self._key = key_column
+        self._upsert: str | None = None
+
+    async def setup(self) -> None:
+        await self._pool.execute(self._schema.format(table=self.table))
+
+    async def apply(self, items: Sequence[Projected]) -> int:
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                return await self._apply(conn, items)
+        except TRANSIENT_PG as exc:
+            raise _translate(exc, self.table) from exc
+
+    async def _apply(self, conn: Connection, items: Sequence[Projected]) -> int:
+        keys = sorted({item.aggregate_id for item in items})
+        await conn.execute(_LOCK_KEYS, self._projection.name, keys)
+        rows = await conn.fetch(
+            f"SELECT to_jsonb(t)::text AS doc FROM {self.table} t WHERE {self._key} = ANY($1)",
+            keys,
+        )
+        current: dict[str, tuple[Document | None, int]] = {}
+        for row in rows:
+            doc = json.loads(row["doc"], parse_float=Decimal)
+            current[str(doc[self._key])] = (doc, int(doc["version"]))
+        changed = fold(self._projection, current, items)
+        if not changed:
+            return 0
+        docs = [
+            {**doc, self._key: key, "version": version} for key, (doc, version) in changed.items()
+        ]
+        await conn.execute(await self._upsert_sql(conn), json.dumps(docs, default=_json_default))
+        return len(changed)
+
+    async def _upsert_sql(self, conn: Connection) -> str:
+        """Multi-row upsert from a JSON array; replaces only rows with a lower version."""
+        if self._upsert is None:
+            rows = await conn.fetch(
+                "SELECT attname FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0"
+                " AND NOT attisdropped ORDER BY attnum",
+                self.table,
+            )
+            sets = ", ".join(f"{r['attname']} = EXCLUDED.{r['attname']}" for r in rows)
+            self._upsert = (
+                f"INSERT INTO {self.table}"
+                f" SELECT * FROM jsonb_populate_recordset(NULL::{self.table}, $1)"
+                f" ON CONFLICT ({self._key}) DO UPDATE SET {sets}"
+                f" WHERE {self.table}.version < EXCLUDED.version"
+            )
+        return self._upsert
+
+    async def close(self) -> None:
+        return None
+
+
+class PostgresSqlStore:
+    """Runs a :class:`SqlProjection` with per-aggregate version gating in one transaction."""
+
+    def __init__(self, pool: asyncpg.Pool, projection: SqlProjection) -> None:
+        self._pool = pool
+        self._projection = projection
+
+    async def setup(self) -> None:
+        if self._projection.schema:
+            await self._pool.execute(self._projection.schema)
+
+    async def apply(self, items: Sequence[Projected]) -> int:
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                return await self._apply(conn, items)
+        except TRANSIENT_PG as exc:
+            raise _translate(exc, self._projection.name) from exc
+
+    async def _apply(self, conn: Connection, items: Sequence[Projected]) -> int:
+        name = self._projection.name
+        keys = sorted({item.aggregate_id for item in items})
+        await conn.execute(_LOCK_KEYS, name, keys)
+        rows = await conn.fetch(
+            "SELECT aggregate_id, version FROM engine_projection_versions"
+            " WHERE projection = $1 AND aggregate_id = ANY($2)",
+            name,
+            keys,
+        )
+        seen = {r["aggregate_id"]: r["version"] for r in rows}
+        fresh: list[Projected] = []
+        for item in items:
+            if item.version > seen.get(item.aggregate_id, 0):
+                fresh.append(item)
+                seen[item.aggregate_id] = item.version
+        if not fresh:
+            return 0
+        await self._projection.apply_batch(conn, fresh)
+        latest = {item.aggregate_id: item.version for item in fresh}
+        await conn.execute(
+            "INSERT INTO engine_projection_versions (projection, aggregate_id, version)"
+            " SELECT $1, k, v FROM unnest($2::text[], $3::int[]) AS u(k, v)"
+            " ON CONFLICT (projection, aggregate_id) DO UPDATE SET version = EXCLUDED.version",
+            name,
+            list(latest),
+            list(latest.values()),
+        )
+        return len(fresh)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,134 @@
+"""Redis projection store: one hash per aggregate, written by a version-gated Lua script.
+
+Progress lives in the effect itself: every hash carries its aggregate version
+in the ``_v`` field. The store reads the current hashes of a batch's
+aggregates, folds the batch in memory, and writes all changed hashes with one
+Lua script, which Redis runs atomically. The script replaces a hash only if its
+``_v`` still equals the version the fold started from (compare-and-set); a key
+that changed meanwhile (another daemon during a rebalance) is reported back,
+re-read and re-folded. Re-applying a batch is harmless: the fold skips every
+event whose version is not above ``_v``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from engine.errors import ServiceUnavailableError, TransientError
+from engine.projection import Document, DocumentProjection, Projected, fold
+
+VERSION_FIELD = "_v"
+_MAX_CAS_ROUNDS = 5
+
+# KEYS: the hashes. ARGV, per key: base version, field count n, then n field/value pairs.
+# Returns the keys whose version moved since they were read.
+_CAS_SCRIPT = """
+local conflicts = {}
+local i = 1
+for k = 1, #KEYS do
+  local base = ARGV[i]
+  local n = tonumber(ARGV[i + 1])
+  i = i + 2
+  local current = redis.call('HGET', KEYS[k], '_v') or '0'
+  if current == base then
+    redis.call('DEL', KEYS[k])
+    if n > 0 then
+      redis.call('HSET', KEYS[k], unpack(ARGV, i, i + 2 * n - 1))
+    end
+  else
+    table.insert(conflicts, KEYS[k])
+  end
+  i = i + 2 * n
+end
+return conflicts
+"""
+
+
+def to_field(value: Any) -> str:
+    """How a document value is stored in a hash field."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+class RedisHashStore:
+    """Hashes ``{key_prefix}{aggregate_id}`` folded by a document projection."""
+
+    def __init__(
+        self, client: aioredis.Redis, projection: DocumentProjection, key_prefix: str
+    ) -> None:
+        self._client = client
+        self._projection = projection
+        self.key_prefix = key_prefix
+        self._script = client.register_script(_CAS_SCRIPT)
+
+    async def setup(self) -> None:
+        return None
+
+    async def apply(self, items: Sequence[Projected]) -> int:
+        try:
+            return await self._apply(items)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise ServiceUnavailableError("Redis", str(exc)) from exc
+        except redis.exceptions.RedisError as exc:
+            raise TransientError(f"Redis: {exc}") from exc
+
+    async def _apply(self, items: Sequence[Projected]) -> int:
+        pending = list(items)
+        written = 0
+        for _ in range(_MAX_CAS_ROUNDS):
+            keys = sorted({item.aggregate_id for item in pending})
+            current = await self._read(keys)
+            changed = fold(self._projection, current, pending)
+            if not changed:
+                return written
+            conflicts = await self._write(changed, current)
+            written += len(changed) - len(conflicts)
+            if not conflicts:
+                return written
+            retry = {key.removeprefix(self.key_prefix) for key in conflicts}
+            pending = [item for item in pending if item.aggregate_id in retry]
+        raise TransientError(f"Redis keys kept changing under {self._projection.name}; retrying")
+
+    async def _read(self, ids: Sequence[str]) -> dict[str, tuple[Document | None, int]]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for aggregate_id in ids:
+                pipe.hgetall(self.key_prefix + aggregate_id)
+            hashes = await pipe.execute()
+        current: dict[str, tuple[Document | None, int]] = {}
+        for aggregate_id, raw in zip(ids, hashes, strict=True):
+            if raw:
+                doc = {_text(k): _text(v) for k, v in raw.items()}
+                current[aggregate_id] = (doc, int(doc.pop(VERSION_FIELD, "0")))
+        return current
+
+    async def _write(
+        self,
+        changed: dict[str, tuple[Document, int]],
+        current: dict[str, tuple[Document | None, int]],
+    ) -> list[str]:
+        keys: list[str] = []
+        args: list[str] = []
+        for aggregate_id, (doc, version) in changed.items():
+            fields = {k: to_field(v) for k, v in doc.items() if v is not None}
+            fields[VERSION_FIELD] = str(version)
+            keys.append(self.key_prefix + aggregate_id)
+            args += [str(current.get(aggregate_id, (None, 0))[1]), str(len(fields))]
+            for name, value in fields.items():
+                args += [name, value]
+        conflicts = await self._script(keys=keys, args=args)
+        return [_text(key) for key in conflicts]
+
+    async def close(self) -> None:
+        return None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
