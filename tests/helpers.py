@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import uuid
 from decimal import Decimal
 
@@ -87,3 +89,20 @@ def assert_in_order_without_gaps(events: list[EventEnvelope]) -> None:
     for aggregate_id, versions in versions_by_aggregate(events).items():
         firsts = list(dict.fromkeys(versions))
         assert firsts == list(range(1, len(firsts) + 1)), (aggregate_id, versions)
+
+
+async def run_engine(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = 120.0
+) -> tuple[int, str, str]:
+    """Run the real `engine` command; returns (exit code, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "engine",
+        *args,
+        env={**os.environ, "COLUMNS": "250", **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
+    return int(process.returncode or 0), out.decode(), err.decode()

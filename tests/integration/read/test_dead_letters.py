@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Sequence
 from typing import ClassVar
@@ -32,7 +29,7 @@ from engine.postgres.deadletters import DeadLetterStore
 from projections.orders import APP, ConfirmOrder
 from projections.orders.events import OrderCreated
 from projections.orders.wiring import build_projections
-from tests.helpers import new_customer, new_order, new_product
+from tests.helpers import new_customer, new_order, new_product, run_engine
 
 
 class Fussy(DocumentProjection):
@@ -143,31 +140,14 @@ async def test_dlq_list_command_shows_the_letters(
     pool: asyncpg.Pool, settings_for_test: Settings
 ) -> None:
     await pool.execute(
-        'INSERT INTO engine_dead_letters (projection, topic, partition, "offset", value, headers,'
-        " event_type, error, attempts) VALUES ('order_search', 't', 0, 5, 'x', '{}', 'OrderCreated',"
-        " 'ValueError: boom', 3)"
+        'INSERT INTO engine_dead_letters (projection, topic, partition, "offset", value,'
+        " headers, event_type, error, attempts) VALUES ('order_search', 't', 0, 5, 'x', '{}',"
+        " 'OrderCreated', 'ValueError: boom', 3)"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "engine", "dlq", "list"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={
-            **os.environ,
-            "ENGINE_POSTGRES__DATABASE": settings_for_test.postgres.database,
-            "COLUMNS": "250",
-        },
-    )
-    assert result.returncode == 0, result.stderr
-    assert "order_search" in result.stdout and "ValueError: boom" in result.stdout
-    missing = subprocess.run(
-        [sys.executable, "-m", "engine", "dlq", "replay", "424242"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "ENGINE_POSTGRES__DATABASE": settings_for_test.postgres.database},
-    )
-    assert missing.returncode == 1
-    assert "no such dead letter" in missing.stdout
+    env = {"ENGINE_POSTGRES__DATABASE": settings_for_test.postgres.database}
+    code, out, err = await run_engine("dlq", "list", env=env)
+    assert code == 0, err
+    assert "order_search" in out and "ValueError: boom" in out
+    code, out, _ = await run_engine("dlq", "replay", "424242", env=env)
+    assert code == 1
+    assert "no such dead letter" in out
