@@ -93,6 +93,7 @@ class Lane:
         self.failing: str | None = None
         self.applied = 0
         self.busy = False
+        self.ready = asyncio.Event()  # set once the store is set up
 
     @property
     def name(self) -> str:
@@ -108,7 +109,8 @@ class Lane:
             self.next_offset.setdefault(delivery.tp, delivery.offset)
 
     async def run(self) -> None:
-        """Take batches from the queue for ever (the runner cancels this task)."""
+        """Set the store up, then take batches from the queue for ever (the runner cancels it)."""
+        await self._setup()
         while True:
             batch = await self.queue.get()
             self.busy = True
@@ -117,6 +119,20 @@ class Lane:
             finally:
                 self.busy = False
                 self.queue.task_done()
+
+    async def _setup(self) -> None:
+        """Create the store's tables or index; a store that is down is waited for, alone."""
+        delay = self._settings.backoff_initial_s
+        while True:
+            try:
+                await self.store.setup()
+            except Exception as exc:
+                await self._note_failure(exc)
+                await asyncio.sleep(self._backoff(delay))
+                delay = min(self._settings.backoff_max_s, delay * 2)
+            else:
+                self.ready.set()
+                return
 
     async def process(self, batch: Batch) -> None:
         wanted = [d for d in batch if d.item is not None and self.projection.wants(d.item.envelope)]

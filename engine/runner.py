@@ -71,8 +71,6 @@ class ProjectionRunner:
 
     async def run(self, stop: asyncio.Event, *, until_caught_up: bool = False) -> None:
         """Consume and apply until ``stop`` is set, or (burst mode) until caught up."""
-        for lane in self.lanes:
-            await lane.store.setup()
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._kafka.bootstrap_servers,
             group_id=self._settings.group_id,
@@ -184,6 +182,7 @@ class ProjectionRunner:
 
     async def _catch_up(self, lane: Lane) -> None:
         """Re-read this lane's partitions from its own offsets until it reaches the dispatcher."""
+        await lane.ready.wait()
         await lane.queue.join()  # the batch in flight (maybe retrying) finishes first
         reader = AIOKafkaConsumer(
             bootstrap_servers=self._kafka.bootstrap_servers,
