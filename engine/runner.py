@@ -98,7 +98,7 @@ class ProjectionRunner:
             )
             if records:
                 batch = await self._decode(records, record_poison=True)
-                self._dispatch(batch)
+                await self._dispatch(batch)
             await self._commit()
             if until_caught_up and not records and await self._caught_up(consumer):
                 return
@@ -153,11 +153,19 @@ class ProjectionRunner:
             await self._dead_letters.record(poison)
         return batch
 
-    def _dispatch(self, batch: Batch) -> None:
+    async def _dispatch(self, batch: Batch) -> None:
+        """Give the batch to every attached lane.
+
+        A full queue means the lane is behind. If its store is failing, it is
+        detached at once; if it is only slower than the others, the dispatcher
+        waits for it (back-pressure) up to ``slow_lane_timeout_s`` and then
+        detaches it too, so one slow store cannot hold the others for long.
+        """
         for delivery in batch:
             self._dispatched[delivery.tp] = max(
                 self._dispatched.get(delivery.tp, 0), delivery.offset + 1
             )
+        full: list[Lane] = []
         for lane in self.lanes:
             lane.note_start(batch)
             if lane.detached:
@@ -165,7 +173,19 @@ class ProjectionRunner:
             try:
                 lane.queue.put_nowait(batch)
             except asyncio.QueueFull:
-                self._detach(lane)
+                if lane.failing:
+                    self._detach(lane)
+                else:
+                    full.append(lane)
+        await asyncio.gather(*(self._put_or_detach(lane, batch) for lane in full))
+
+    async def _put_or_detach(self, lane: Lane, batch: Batch) -> None:
+        try:
+            await asyncio.wait_for(
+                lane.queue.put(batch), timeout=self._settings.slow_lane_timeout_s
+            )
+        except TimeoutError:
+            self._detach(lane)
 
     def _detach(self, lane: Lane) -> None:
         log.warning(
@@ -192,15 +212,18 @@ class ProjectionRunner:
         )
         await reader.start()
         try:
-            behind = self._behind(lane)
-            reader.assign(list(behind))
-            for tp, offset in behind.items():
-                reader.seek(tp, offset)
-            while self._behind(lane):
+            reading: set[TopicPartition] = set()
+            while behind := self._behind(lane):
+                # Partitions fall behind one by one while detached: follow the current set,
+                # always from the lane's own progress.
+                if set(behind) != reading:
+                    reading = set(behind)
+                    reader.assign(list(reading))
+                    for tp, offset in behind.items():
+                        reader.seek(tp, offset)
                 records: Records = await reader.getmany(timeout_ms=self._settings.max_latency_ms)
-                mine = {tp: msgs for tp, msgs in records.items() if tp in behind}
-                if mine:
-                    await lane.process(await self._decode(mine, record_poison=False))
+                if records:
+                    await lane.process(await self._decode(records, record_poison=False))
             lane.detached = False  # no await since the check: the next dispatch is ours
             log.info("%s caught up and re-attached", lane.name)
         finally:

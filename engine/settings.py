@@ -113,6 +113,8 @@ class RunnerSettings(_Section):
     max_latency_ms: int = Field(default=100, ge=1, le=60_000)
     # Batches a projection may fall behind before it is detached and catches up alone.
     lane_queue_batches: int = Field(default=20, ge=1, le=10_000)
+    # A lane whose queue stays full this long (slow, not failing) is detached too.
+    slow_lane_timeout_s: float = Field(default=30.0, gt=0)
     # A handler that keeps failing (not a store outage) this many times is dead-lettered.
     max_attempts: int = Field(default=3, ge=1, le=100)
     backoff_initial_s: float = Field(default=0.2, gt=0)

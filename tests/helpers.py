@@ -10,7 +10,7 @@ from decimal import Decimal
 
 from aiokafka import AIOKafkaConsumer
 
-from engine import CommandBus, CommandResult, EventEnvelope, KafkaSettings
+from engine import CommandBus, CommandResult, EventEnvelope, KafkaSettings, Settings
 from engine.codec import decode
 from projections.orders import (
     Address,
@@ -106,3 +106,29 @@ async def run_engine(
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
     return int(process.returncode or 0), out.decode(), err.decode()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment that makes an `engine` subprocess use this test's names."""
+    return {
+        "ENGINE_POSTGRES__DATABASE": settings.postgres.database,
+        "ENGINE_KAFKA__TOPIC": settings.kafka.topic,
+        "ENGINE_KAFKA__PARTITIONS": str(settings.kafka.partitions),
+        "ENGINE_RUNNER__GROUP_ID": settings.runner.group_id,
+        "ENGINE_RUNNER__MAX_LATENCY_MS": str(settings.runner.max_latency_ms),
+        "ENGINE_REDIS__KEY_PREFIX": settings.redis.key_prefix,
+        "ENGINE_ELASTICSEARCH__INDEX_PREFIX": settings.elasticsearch.index_prefix,
+    }
+
+
+async def start_engine(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+    """Start a long-running `engine` command in the background (output discarded)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "engine",
+        *args,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )

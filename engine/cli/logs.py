@@ -16,4 +16,7 @@ def configure(level: str) -> None:
         force=True,
     )
     # aiokafka is chatty at INFO about every (re)connection attempt.
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+    quiet = max(logging.WARNING, logging.getLogger().level)
+    logging.getLogger("aiokafka").setLevel(quiet)
+    # The Elasticsearch transport logs every request at INFO.
+    logging.getLogger("elastic_transport").setLevel(quiet)

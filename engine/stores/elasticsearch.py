@@ -56,7 +56,9 @@ class ElasticsearchDocumentStore:
             if await self._client.indices.exists_alias(name=self.alias):
                 return
             index = f"{self.alias}-v1"
-            await self.create_index(index)
+            # A crash between creating the index and the alias leaves the index behind.
+            if not await self._client.indices.exists(index=index):
+                await self.create_index(index)
             await self._client.indices.put_alias(index=index, name=self.alias)
         except TransportError as exc:
             raise ServiceUnavailableError("Elasticsearch", str(exc)) from exc
