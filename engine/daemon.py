@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from engine.application import Application
+from engine.generations import GenerationFence
 from engine.lane import Lane
 from engine.postgres.checkpoints import CheckpointStore
 from engine.postgres.deadletters import DeadLetterStore
+from engine.projection import RebuildableStore
 from engine.resources import Resources
 from engine.runner import ProjectionRunner
 
@@ -22,6 +24,9 @@ def build_runner(application: Application, resources: Resources) -> ProjectionRu
             settings=settings.runner,
             dead_letters=dead_letters,
             checkpoints=checkpoints,
+            fence=GenerationFence(settings.postgres, projection.name)
+            if isinstance(store, RebuildableStore)
+            else None,
         )
         for projection, store in application.projections(resources)
     ]

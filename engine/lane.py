@@ -20,16 +20,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import TopicPartition
 
 from engine.errors import TransientError
+from engine.generations import GenerationFence
 from engine.postgres.checkpoints import CheckpointStore
 from engine.postgres.deadletters import DeadLetterStore, NewDeadLetter
-from engine.projection import Projected, Projection, ProjectionStore
+from engine.projection import Projected, Projection, ProjectionStore, RebuildableStore
 from engine.settings import RunnerSettings
 
 log = logging.getLogger("engine.runner")
@@ -79,10 +81,12 @@ class Lane:
         settings: RunnerSettings,
         dead_letters: DeadLetterStore,
         checkpoints: CheckpointStore,
+        fence: GenerationFence | None = None,
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self.projection = projection
         self.store = store
+        self._fence = fence
         self._settings = settings
         self._dead_letters = dead_letters
         self._checkpoints = checkpoints
@@ -125,7 +129,8 @@ class Lane:
         delay = self._settings.backoff_initial_s
         while True:
             try:
-                await self.store.setup()
+                async with self._current_store() as store:
+                    await store.setup()
             except Exception as exc:
                 await self._note_failure(exc)
                 await asyncio.sleep(self._backoff(delay))
@@ -148,7 +153,7 @@ class Lane:
         delay = self._settings.backoff_initial_s
         while True:
             try:
-                changed = await self.store.apply([d.item for d in deliveries if d.item])
+                changed = await self._store_apply([d.item for d in deliveries if d.item])
             except TransientError as exc:
                 await self._note_failure(exc)
             except Exception as exc:  # the projection's own code: a bug or a poison event
@@ -169,7 +174,7 @@ class Lane:
             delay = self._settings.backoff_initial_s
             while True:
                 try:
-                    changed = await self.store.apply([delivery.item] if delivery.item else [])
+                    changed = await self._store_apply([delivery.item] if delivery.item else [])
                 except TransientError as exc:
                     await self._note_failure(exc)
                     await asyncio.sleep(self._backoff(delay))
@@ -187,6 +192,30 @@ class Lane:
                 else:
                     await self._done([delivery], changed)
                 break
+
+    async def _store_apply(self, items: list[Projected]) -> int:
+        async with self._current_store() as store:
+            return await store.apply(items)
+
+    @asynccontextmanager
+    async def _current_store(self) -> AsyncIterator[ProjectionStore]:
+        """The store of the current generation, held inside the rebuild fence."""
+        store = self.store
+        if self._fence is None or not isinstance(store, RebuildableStore):
+            yield store
+            return
+        async with self._fence.hold() as generation:
+            if generation != store.generation:
+                log.info("%s: switching to generation %d", self.name, generation)
+                store = store.at_generation(generation)
+                await store.setup()
+                self.store = store
+            yield store
+
+    async def close(self) -> None:
+        if self._fence is not None:
+            await self._fence.close()
+        await self.store.close()
 
     async def _record(self, letter: NewDeadLetter) -> None:
         """Record a dead letter, waiting out a Postgres outage: skipping it silently is loss."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from engine.events import DomainEvent, EventEnvelope
 
@@ -95,6 +95,24 @@ class ProjectionStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class RebuildableStore(ProjectionStore, Protocol):
+    """A store whose contents live in numbered generations that readers can be switched to.
+
+    ``at_generation`` gives the same store writing generation ``g``; ``publish``
+    points readers at this generation (``conn`` is the rebuild's transaction,
+    for stores that live in Postgres); ``drop`` deletes this generation.
+    """
+
+    generation: int
+
+    def at_generation(self, generation: int) -> RebuildableStore: ...
+
+    async def publish(self, conn: Any) -> None: ...
+
+    async def drop(self) -> None: ...
 
 
 def fold(

@@ -113,7 +113,7 @@ class ProjectionRunner:
             await self._commit()
         await consumer.stop()
         for lane in self.lanes:
-            await lane.store.close()
+            await lane.close()
         log.info("projection daemon stopped; offsets committed: %s", self._committed)
 
     def _check_lanes_alive(self) -> None:

@@ -104,7 +104,14 @@ async def run_engine(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
+    except TimeoutError:
+        process.kill()
+        out, err = await process.communicate()
+        raise AssertionError(
+            f"engine {' '.join(args)} timed out:\n{err.decode()[-3000:]}"
+        ) from None
     return int(process.returncode or 0), out.decode(), err.decode()
 
 

@@ -69,6 +69,13 @@ def run_reporting_errors(action: Callable[[], T]) -> T:
 
 def main() -> None:
     """Console-script entry point."""
-    from engine.cli import dlq, run, smoke, stack, write  # noqa: F401 - registers the sub-commands
+    from engine.cli import (  # noqa: F401 - registers the sub-commands
+        dlq,
+        rebuild,
+        run,
+        smoke,
+        stack,
+        write,
+    )
 
     sys.exit(app())

@@ -169,15 +169,37 @@ async def pending_count(conn: Connection) -> int:
     return int(count)
 
 
-async def read_log(conn: Connection, after_position: int, limit: int) -> list[EventEnvelope]:
-    """Events by position, only below the horizon of transactions still in flight."""
+async def read_log(
+    conn: Connection,
+    after_position: int,
+    limit: int,
+    event_types: Sequence[str],
+    *,
+    below_horizon: bool = True,
+) -> list[EventEnvelope]:
+    """Events of these types after ``after_position``, in position order.
+
+    With ``below_horizon`` (the default), only events below every transaction
+    still in flight: no event with a lower position can commit later, so the
+    next call may safely continue after the last position returned.
+    """
+    horizon = "AND tx_id < pg_snapshot_xmin(pg_current_snapshot())" if below_horizon else ""
     rows = await conn.fetch(
         f"""
         SELECT {_COLUMNS} FROM engine_event_log
-        WHERE position > $1 AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+        WHERE position > $1 AND event_type = ANY($3::text[]) {horizon}
         ORDER BY position LIMIT $2
         """,
         after_position,
         limit,
+        list(event_types),
     )
     return [_envelope(row) for row in rows]
+
+
+async def count_log(conn: Connection, event_types: Sequence[str]) -> int:
+    value = await conn.fetchval(
+        "SELECT count(*) FROM engine_event_log WHERE event_type = ANY($1::text[])",
+        list(event_types),
+    )
+    return int(value)

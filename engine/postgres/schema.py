@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from engine.generations import GENERATION_MIGRATIONS
 from engine.postgres.deadletters import DEAD_LETTER_MIGRATIONS
 from engine.postgres.outbox import OUTBOX_MIGRATIONS
 from engine.stores.postgres import PROJECTION_MIGRATIONS
 
-ENGINE_MIGRATIONS = (*OUTBOX_MIGRATIONS, *PROJECTION_MIGRATIONS, *DEAD_LETTER_MIGRATIONS)
+ENGINE_MIGRATIONS = (
+    *OUTBOX_MIGRATIONS,
+    *PROJECTION_MIGRATIONS,
+    *DEAD_LETTER_MIGRATIONS,
+    *GENERATION_MIGRATIONS,
+)

@@ -42,24 +42,36 @@ class ElasticsearchDocumentStore:
         projection: DocumentProjection,
         alias: str,
         mappings: Mapping[str, Any],
+        *,
         settings: Mapping[str, Any] | None = None,
+        generation: int = 1,
     ) -> None:
         self._client = client
         self._projection = projection
         self.alias = alias
+        self.generation = generation
+        self.index = f"{alias}-v{generation}"
         self._mappings = {**mappings}
         self._settings = dict(settings or {"number_of_shards": 1, "number_of_replicas": 0})
 
+    def at_generation(self, generation: int) -> ElasticsearchDocumentStore:
+        return ElasticsearchDocumentStore(
+            self._client,
+            self._projection,
+            self.alias,
+            self._mappings,
+            settings=self._settings,
+            generation=generation,
+        )
+
     async def setup(self) -> None:
-        """Create ``{alias}-v1`` with the mapping and point the alias at it, if missing."""
+        """Create this generation's index; point the alias at it if the alias does not exist."""
         try:
-            if await self._client.indices.exists_alias(name=self.alias):
-                return
-            index = f"{self.alias}-v1"
-            # A crash between creating the index and the alias leaves the index behind.
-            if not await self._client.indices.exists(index=index):
-                await self.create_index(index)
-            await self._client.indices.put_alias(index=index, name=self.alias)
+            # Checked separately: a crash between the two steps leaves the index behind.
+            if not await self._client.indices.exists(index=self.index):
+                await self.create_index(self.index)
+            if not await self._client.indices.exists_alias(name=self.alias):
+                await self._client.indices.put_alias(index=self.index, name=self.alias)
         except TransportError as exc:
             raise ServiceUnavailableError("Elasticsearch", str(exc)) from exc
 
@@ -70,6 +82,18 @@ class ElasticsearchDocumentStore:
             mappings={**self._mappings, "properties": properties},
             settings=self._settings,
         )
+
+    async def publish(self, conn: object) -> None:
+        """Move the alias to this generation's index in one atomic alias update."""
+        current = await self._client.indices.get_alias(name=self.alias, ignore_unavailable=True)
+        actions: list[dict[str, Any]] = [
+            {"remove": {"index": index, "alias": self.alias}} for index in current
+        ]
+        actions.append({"add": {"index": self.index, "alias": self.alias}})
+        await self._client.indices.update_aliases(actions=actions)
+
+    async def drop(self) -> None:
+        await self._client.indices.delete(index=self.index, ignore_unavailable=True)
 
     async def apply(self, items: Sequence[Projected]) -> int:
         try:
@@ -101,9 +125,9 @@ class ElasticsearchDocumentStore:
         self, ids: Sequence[str]
     ) -> tuple[dict[str, tuple[Document | None, int]], dict[str, tuple[str, int, int]]]:
         try:
-            found = await self._client.mget(index=self.alias, ids=list(ids), realtime=True)
+            found = await self._client.mget(index=self.index, ids=list(ids), realtime=True)
         except NotFoundError as exc:
-            raise TransientError(f"index {self.alias} is missing; run setup") from exc
+            raise TransientError(f"index {self.index} is missing; run setup") from exc
         current: dict[str, tuple[Document | None, int]] = {}
         stamps: dict[str, tuple[str, int, int]] = {}
         for doc in found["docs"]:
@@ -129,7 +153,7 @@ class ElasticsearchDocumentStore:
                     }
                 }
             else:
-                action = {"create": {"_index": self.alias, "_id": doc_id}}
+                action = {"create": {"_index": self.index, "_id": doc_id}}
             operations += [action, {**doc, VERSION_FIELD: version}]
         response = await self._client.bulk(operations=operations)
         conflicts: set[str] = set()

@@ -67,25 +67,55 @@ def _json_default(value: object) -> str:
 
 
 class PostgresDocumentStore:
-    """Rows of ``table`` (one per aggregate, keyed by ``key_column``) folded by a projection."""
+    """Rows (one per aggregate, keyed by ``key_column``) folded by a projection.
+
+    Generation ``g`` lives in the table ``{name}_g{g}``; readers query the view
+    ``{name}``, which a rebuild re-points in the same transaction that switches
+    the generation.
+    """
 
     def __init__(
         self,
         pool: asyncpg.Pool,
         projection: DocumentProjection,
-        table: str,
+        name: str,
         schema: str,
+        *,
         key_column: str = "id",
+        generation: int = 1,
     ) -> None:
         self._pool = pool
         self._projection = projection
-        self.table = table
+        self.view = name
+        self.generation = generation
+        self.table = f"{name}_g{generation}"
         self._schema = schema
         self._key = key_column
         self._upsert: str | None = None
 
+    def at_generation(self, generation: int) -> PostgresDocumentStore:
+        return PostgresDocumentStore(
+            self._pool,
+            self._projection,
+            self.view,
+            self._schema,
+            key_column=self._key,
+            generation=generation,
+        )
+
     async def setup(self) -> None:
-        await self._pool.execute(self._schema.format(table=self.table))
+        """Create this generation's table; create the readers' view if there is none yet."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(self._schema.format(table=self.table))
+            if await conn.fetchval("SELECT to_regclass($1)", self.view) is None:
+                await conn.execute(f"CREATE VIEW {self.view} AS SELECT * FROM {self.table}")
+
+    async def publish(self, conn: Connection) -> None:
+        await conn.execute(f"DROP VIEW IF EXISTS {self.view}")
+        await conn.execute(f"CREATE VIEW {self.view} AS SELECT * FROM {self.table}")
+
+    async def drop(self) -> None:
+        await self._pool.execute(f"DROP TABLE IF EXISTS {self.table}")
 
     async def apply(self, items: Sequence[Projected]) -> int:
         try:

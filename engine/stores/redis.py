@@ -58,19 +58,54 @@ def to_field(value: Any) -> str:
     return str(value)
 
 
+def generation_pointer(base_prefix: str) -> str:
+    """The key that tells readers which generation of hashes to read."""
+    return f"{base_prefix}current"
+
+
+def generation_prefix(base_prefix: str, generation: int | str) -> str:
+    return f"{base_prefix}g{generation}:"
+
+
 class RedisHashStore:
-    """Hashes ``{key_prefix}{aggregate_id}`` folded by a document projection."""
+    """Hashes ``{base}g{generation}:{aggregate_id}`` folded by a document projection.
+
+    Readers first read ``{base}current`` (the generation number), which a
+    rebuild sets when it switches; a lost Redis is refilled the same way.
+    """
 
     def __init__(
-        self, client: aioredis.Redis, projection: DocumentProjection, key_prefix: str
+        self,
+        client: aioredis.Redis,
+        projection: DocumentProjection,
+        base_prefix: str,
+        generation: int = 1,
     ) -> None:
         self._client = client
         self._projection = projection
-        self.key_prefix = key_prefix
+        self.base_prefix = base_prefix
+        self.generation = generation
+        self.key_prefix = generation_prefix(base_prefix, generation)
         self._script = client.register_script(_CAS_SCRIPT)
 
+    def at_generation(self, generation: int) -> RedisHashStore:
+        return RedisHashStore(self._client, self._projection, self.base_prefix, generation)
+
     async def setup(self) -> None:
-        return None
+        await self._client.set(generation_pointer(self.base_prefix), self.generation, nx=True)
+
+    async def publish(self, conn: object) -> None:
+        await self._client.set(generation_pointer(self.base_prefix), self.generation)
+
+    async def drop(self) -> None:
+        batch: list[str] = []
+        async for key in self._client.scan_iter(match=f"{self.key_prefix}*", count=1000):
+            batch.append(_text(key))
+            if len(batch) >= 1000:
+                await self._client.unlink(*batch)
+                batch = []
+        if batch:
+            await self._client.unlink(*batch)
 
     async def apply(self, items: Sequence[Projected]) -> int:
         try:

@@ -23,8 +23,23 @@ from projections.orders import APP
 # Tables a test may fill; emptied before each test that uses the write side.
 _TABLES = (
     "order_items, orders, products, customers, engine_outbox, engine_event_log, engine_commands,"
-    " engine_projection_versions, engine_dead_letters, engine_projection_checkpoints"
+    " engine_projection_versions, engine_dead_letters, engine_projection_checkpoints,"
+    " engine_projection_generations"
 )
+
+
+# Read models are created by the daemon, generation by generation: drop them all.
+_DROP_READ_MODELS = r"""
+DO $$ DECLARE name text; BEGIN
+  FOR name IN SELECT viewname FROM pg_views WHERE schemaname = 'public' LOOP
+    EXECUTE format('DROP VIEW IF EXISTS %I CASCADE', name);
+  END LOOP;
+  FOR name IN SELECT tablename FROM pg_tables WHERE schemaname = 'public'
+      AND (tablename ~ '_g[0-9]+$' OR tablename LIKE 'order\_stats\_%') LOOP
+    EXECUTE format('DROP TABLE IF EXISTS %I CASCADE', name);
+  END LOOP;
+END $$
+"""
 
 
 @pytest.fixture(scope="session")
@@ -88,10 +103,7 @@ async def pool(settings_for_test: Settings) -> AsyncIterator[asyncpg.Pool]:
     pool = await create_pool(settings_for_test.postgres)
     async with pool.acquire() as conn:
         await conn.execute(f"TRUNCATE {_TABLES} RESTART IDENTITY CASCADE")
-        await conn.execute(
-            "DROP TABLE IF EXISTS order_details, customer_orders, order_stats_daily,"
-            " order_stats_orders"
-        )
+        await conn.execute(_DROP_READ_MODELS)
     yield pool
     await pool.close()
 

@@ -123,9 +123,11 @@ async def _check_stats(pool: asyncpg.Pool) -> None:
 async def _check_quick_lookup(
     settings: Settings, redis: Redis, orders: dict[str, dict[str, Any]]
 ) -> None:
-    prefix = f"{settings.redis.key_prefix}orders:quick:"
+    base = f"{settings.redis.key_prefix}orders:quick:"
+    generation = await redis.get(f"{base}current")  # what a reader does first
+    assert generation is not None
     for order_id, o in orders.items():
-        quick = await redis.hgetall(prefix + order_id)
+        quick = await redis.hgetall(f"{base}g{generation}:{order_id}")
         assert quick == {
             "status": o["status"],
             "total": str(o["total"]),

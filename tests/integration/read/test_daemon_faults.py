@@ -45,7 +45,7 @@ async def test_daemon_killed_mid_batch_restarts_to_the_exact_state(
     assert await _applied(pool) < total_events * 5, "the kill must land before the end"
 
     code, _, err = await run_engine(
-        "run", "--until-caught-up", "--log-level", "warning", env=env, timeout_s=180
+        "run", "--until-caught-up", "--log-level", "warning", env=env, timeout_s=100
     )
     assert code == 0, err
     await assert_projections_match(

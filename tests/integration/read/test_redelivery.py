@@ -32,7 +32,12 @@ async def _snapshot(
             for r in await pool.fetch("SELECT * FROM order_stats_daily ORDER BY day, status")
         ],
         [tuple(r) for r in await pool.fetch("SELECT * FROM customer_orders ORDER BY id")],
-        [(k, await resources.redis.hgetall(k)) for k in keys],
+        [
+            (k, await resources.redis.get(k))  # the generation pointer
+            if k.endswith(":current")
+            else (k, await resources.redis.hgetall(k))
+            for k in keys
+        ],
         sorted((h["_id"], h["_seq_no"], str(h["_source"])) for h in hits),
     )
 
