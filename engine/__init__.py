@@ -42,6 +42,7 @@ from engine.projection import (
     Projected,
     Projection,
     ProjectionStore,
+    RebuildableStore,
     SqlProjection,
 )
 from engine.registry import EventRegistry
@@ -97,6 +98,7 @@ __all__ = [
     "Projection",
     "ProjectionRunner",
     "ProjectionStore",
+    "RebuildableStore",
     "RedisHashStore",
     "RedisSettings",
     "RelaySettings",
