@@ -20,10 +20,11 @@ offsets change when a topic is recreated or repartitioned, versions do not.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from engine.errors import TransientError
 from engine.events import DomainEvent, EventEnvelope
 
 Document = dict[str, Any]
@@ -133,3 +134,36 @@ def fold(
             continue
         changed[item.aggregate_id] = (projection.apply(doc, item), item.version)
     return changed
+
+
+Current = dict[str, tuple[Document | None, int]]
+Changed = dict[str, tuple[Document, int]]
+
+
+async def fold_and_write(
+    projection: DocumentProjection,
+    items: Sequence[Projected],
+    read: Callable[[Sequence[str]], Awaitable[Current]],
+    write: Callable[[Changed, Current], Awaitable[set[str]]],
+    rounds: int = 5,
+) -> int:
+    """Optimistic apply for compare-and-set stores: read, fold, write, retry the conflicts.
+
+    ``read`` returns the current documents of some aggregates; ``write``
+    writes the changed ones only where they are still as read, and returns the
+    aggregate ids that changed meanwhile, which are read and folded again.
+    Returns how many documents were written.
+    """
+    pending = list(items)
+    written = 0
+    for _ in range(rounds):
+        current = await read(sorted({item.aggregate_id for item in pending}))
+        changed = fold(projection, current, pending)
+        if not changed:
+            return written
+        conflicts = await write(changed, current)
+        written += len(changed) - len(conflicts)
+        if not conflicts:
+            return written
+        pending = [item for item in pending if item.aggregate_id in conflicts]
+    raise TransientError(f"documents kept changing under {projection.name}; retrying")

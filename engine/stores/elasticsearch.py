@@ -27,10 +27,9 @@ from typing import Any
 from elasticsearch import ApiError, AsyncElasticsearch, NotFoundError, TransportError
 
 from engine.errors import PoisonError, ServiceUnavailableError, TransientError
-from engine.projection import Document, DocumentProjection, Projected, fold
+from engine.projection import Document, DocumentProjection, Projected, fold_and_write
 
 VERSION_FIELD = "_v"
-_MAX_CAS_ROUNDS = 5
 
 
 class ElasticsearchDocumentStore:
@@ -106,20 +105,17 @@ class ElasticsearchDocumentStore:
             raise
 
     async def _apply(self, items: Sequence[Projected]) -> int:
-        pending = list(items)
-        written = 0
-        for _ in range(_MAX_CAS_ROUNDS):
-            ids = sorted({item.aggregate_id for item in pending})
-            current, stamps = await self._read(ids)
-            changed = fold(self._projection, current, pending)
-            if not changed:
-                return written
-            conflicts = await self._write(changed, stamps)
-            written += len(changed) - len(conflicts)
-            if not conflicts:
-                return written
-            pending = [item for item in pending if item.aggregate_id in conflicts]
-        raise TransientError(f"documents kept changing under {self._projection.name}; retrying")
+        stamps: dict[str, tuple[str, int, int]] = {}
+
+        async def read(ids: Sequence[str]) -> dict[str, tuple[Document | None, int]]:
+            current, fresh = await self._read(ids)
+            stamps.update(fresh)
+            return current
+
+        async def write(changed: dict[str, tuple[Document, int]], _current: object) -> set[str]:
+            return await self._write(changed, stamps)
+
+        return await fold_and_write(self._projection, items, read, write)
 
     async def _read(
         self, ids: Sequence[str]

@@ -20,10 +20,9 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from engine.errors import ServiceUnavailableError, TransientError
-from engine.projection import Document, DocumentProjection, Projected, fold
+from engine.projection import Document, DocumentProjection, Projected, fold_and_write
 
 VERSION_FIELD = "_v"
-_MAX_CAS_ROUNDS = 5
 
 # KEYS: the hashes. ARGV, per key: base version, field count n, then n field/value pairs.
 # Returns the keys whose version moved since they were read.
@@ -116,21 +115,7 @@ class RedisHashStore:
             raise TransientError(f"Redis: {exc}") from exc
 
     async def _apply(self, items: Sequence[Projected]) -> int:
-        pending = list(items)
-        written = 0
-        for _ in range(_MAX_CAS_ROUNDS):
-            keys = sorted({item.aggregate_id for item in pending})
-            current = await self._read(keys)
-            changed = fold(self._projection, current, pending)
-            if not changed:
-                return written
-            conflicts = await self._write(changed, current)
-            written += len(changed) - len(conflicts)
-            if not conflicts:
-                return written
-            retry = {key.removeprefix(self.key_prefix) for key in conflicts}
-            pending = [item for item in pending if item.aggregate_id in retry]
-        raise TransientError(f"Redis keys kept changing under {self._projection.name}; retrying")
+        return await fold_and_write(self._projection, items, self._read, self._write)
 
     async def _read(self, ids: Sequence[str]) -> dict[str, tuple[Document | None, int]]:
         async with self._client.pipeline(transaction=False) as pipe:
@@ -148,7 +133,7 @@ class RedisHashStore:
         self,
         changed: dict[str, tuple[Document, int]],
         current: dict[str, tuple[Document | None, int]],
-    ) -> list[str]:
+    ) -> set[str]:
         keys: list[str] = []
         args: list[str] = []
         for aggregate_id, (doc, version) in changed.items():
@@ -159,7 +144,7 @@ class RedisHashStore:
             for name, value in fields.items():
                 args += [name, value]
         conflicts = await self._script(keys=keys, args=args)
-        return [_text(key) for key in conflicts]
+        return {_text(key).removeprefix(self.key_prefix) for key in conflicts}
 
     async def close(self) -> None:
         return None
