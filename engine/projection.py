@@ -20,7 +20,7 @@ offsets change when a topic is recreated or repartitioned, versions do not.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -72,13 +72,25 @@ class DocumentProjection(Projection):
 
 
 class SqlProjection(Projection):
-    """Free-form SQL, run in the Postgres store's transaction with its progress."""
+    """Free-form SQL, run in the Postgres store's transaction with its progress.
 
+    ``tables`` names the tables the projection owns; ``schema`` creates them,
+    with each name written as a ``{placeholder}``. The store substitutes the
+    physical names of the generation it writes (``{name}_g{n}``) and readers
+    use views under the plain names, so a rebuild can switch them.
+    """
+
+    tables: ClassVar[tuple[str, ...]] = ()
     schema: ClassVar[str] = ""
 
     @abstractmethod
-    async def apply_batch(self, conn: Any, items: Sequence[Projected]) -> None:
-        """Apply ``items`` (already de-duplicated, in order per aggregate) using ``conn``."""
+    async def apply_batch(
+        self, conn: Any, items: Sequence[Projected], tables: Mapping[str, str]
+    ) -> None:
+        """Apply ``items`` (de-duplicated, in order per aggregate) using ``conn``.
+
+        ``tables`` maps each name in ``tables`` to the physical table to write.
+        """
 
 
 class ProjectionStore(Protocol):

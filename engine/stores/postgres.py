@@ -166,15 +166,44 @@ class PostgresDocumentStore:
 
 
 class PostgresSqlStore:
-    """Runs a :class:`SqlProjection` with per-aggregate version gating in one transaction."""
+    """Runs a :class:`SqlProjection` with per-aggregate version gating in one transaction.
 
-    def __init__(self, pool: asyncpg.Pool, projection: SqlProjection) -> None:
+    Generation ``g`` writes the tables ``{name}_g{g}`` and keeps its progress
+    rows under ``{projection}/g{g}``; readers use views under the plain names.
+    """
+
+    def __init__(
+        self, pool: asyncpg.Pool, projection: SqlProjection, *, generation: int = 1
+    ) -> None:
         self._pool = pool
         self._projection = projection
+        self.generation = generation
+        self._tables = {t: f"{t}_g{generation}" for t in projection.tables}
+        self._progress_key = f"{projection.name}/g{generation}"
+
+    def at_generation(self, generation: int) -> PostgresSqlStore:
+        return PostgresSqlStore(self._pool, self._projection, generation=generation)
 
     async def setup(self) -> None:
-        if self._projection.schema:
-            await self._pool.execute(self._projection.schema)
+        async with self._pool.acquire() as conn, conn.transaction():
+            if self._projection.schema:
+                await conn.execute(self._projection.schema.format(**self._tables))
+            for view, table in self._tables.items():
+                if await conn.fetchval("SELECT to_regclass($1)", view) is None:
+                    await conn.execute(f"CREATE VIEW {view} AS SELECT * FROM {table}")
+
+    async def publish(self, conn: Connection) -> None:
+        for view, table in self._tables.items():
+            await conn.execute(f"DROP VIEW IF EXISTS {view}")
+            await conn.execute(f"CREATE VIEW {view} AS SELECT * FROM {table}")
+
+    async def drop(self) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            for table in self._tables.values():
+                await conn.execute(f"DROP TABLE IF EXISTS {table}")
+            await conn.execute(
+                "DELETE FROM engine_projection_versions WHERE projection = $1", self._progress_key
+            )
 
     async def apply(self, items: Sequence[Projected]) -> int:
         try:
@@ -184,7 +213,7 @@ class PostgresSqlStore:
             raise _translate(exc, self._projection.name) from exc
 
     async def _apply(self, conn: Connection, items: Sequence[Projected]) -> int:
-        name = self._projection.name
+        name = self._progress_key
         keys = sorted({item.aggregate_id for item in items})
         await conn.execute(_LOCK_KEYS, name, keys)
         rows = await conn.fetch(
@@ -201,7 +230,7 @@ class PostgresSqlStore:
                 seen[item.aggregate_id] = item.version
         if not fresh:
             return 0
-        await self._projection.apply_batch(conn, fresh)
+        await self._projection.apply_batch(conn, fresh, self._tables)
         latest = {item.aggregate_id: item.version for item in fresh}
         await conn.execute(
             "INSERT INTO engine_projection_versions (projection, aggregate_id, version)"

@@ -12,7 +12,7 @@ Five projections, one per read need:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import date
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -223,15 +223,16 @@ class OrderStats(SqlProjection):
 
     name = "order_stats"
     handles = frozenset({OrderCreated.event_type, *_STATUS_TYPES})
+    tables = ("order_stats_daily", "order_stats_orders")
     schema = """
-        CREATE TABLE IF NOT EXISTS order_stats_daily (
+        CREATE TABLE IF NOT EXISTS {order_stats_daily} (
             day     date NOT NULL,
             status  text NOT NULL,
             orders  bigint NOT NULL,
             revenue numeric(18, 2) NOT NULL,
             PRIMARY KEY (day, status)
         );
-        CREATE TABLE IF NOT EXISTS order_stats_orders (
+        CREATE TABLE IF NOT EXISTS {order_stats_orders} (
             order_id text PRIMARY KEY,
             day      date NOT NULL,
             status   text NOT NULL,
@@ -239,11 +240,13 @@ class OrderStats(SqlProjection):
         )
     """
 
-    async def apply_batch(self, conn: Any, items: Sequence[Projected]) -> None:
+    async def apply_batch(
+        self, conn: Any, items: Sequence[Projected], tables: Mapping[str, str]
+    ) -> None:
+        daily, orders = tables["order_stats_daily"], tables["order_stats_orders"]
         ids = sorted({item.aggregate_id for item in items})
         rows = await conn.fetch(
-            "SELECT order_id, day, status, total FROM order_stats_orders WHERE order_id = ANY($1)",
-            ids,
+            f"SELECT order_id, day, status, total FROM {orders} WHERE order_id = ANY($1)", ids
         )
         memo: dict[str, tuple[date, str, Decimal]] = {
             r["order_id"]: (r["day"], r["status"], r["total"]) for r in rows
@@ -263,11 +266,10 @@ class OrderStats(SqlProjection):
                 memo[item.aggregate_id] = (day, event.status.value, total)
             touched.add(item.aggregate_id)
         await conn.execute(
-            "INSERT INTO order_stats_daily (day, status, orders, revenue)"
+            f"INSERT INTO {daily} AS s (day, status, orders, revenue)"
             " SELECT * FROM unnest($1::date[], $2::text[], $3::bigint[], $4::numeric[])"
             " ON CONFLICT (day, status) DO UPDATE SET"
-            " orders = order_stats_daily.orders + EXCLUDED.orders,"
-            " revenue = order_stats_daily.revenue + EXCLUDED.revenue",
+            " orders = s.orders + EXCLUDED.orders, revenue = s.revenue + EXCLUDED.revenue",
             [k[0] for k in deltas],
             [k[1] for k in deltas],
             [v[0] for v in deltas.values()],
@@ -275,7 +277,7 @@ class OrderStats(SqlProjection):
         )
         changed = [o for o in sorted(touched) if o in memo]
         await conn.execute(
-            "INSERT INTO order_stats_orders (order_id, day, status, total)"
+            f"INSERT INTO {orders} (order_id, day, status, total)"
             " SELECT * FROM unnest($1::text[], $2::date[], $3::text[], $4::numeric[])"
             " ON CONFLICT (order_id) DO UPDATE SET status = EXCLUDED.status",
             changed,
