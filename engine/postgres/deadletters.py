@@ -55,23 +55,6 @@ DEAD_LETTER_MIGRATIONS = (
 
 
 @dataclass(frozen=True)
-class DeadLetter:
-    id: int
-    projection: str
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: dict[str, str]
-    event_type: str | None
-    error: str
-    attempts: int
-    created_at: datetime
-    replayed_at: datetime | None
-
-
-@dataclass(frozen=True)
 class NewDeadLetter:
     projection: str
     topic: str
@@ -83,6 +66,15 @@ class NewDeadLetter:
     event_type: str | None
     error: str
     attempts: int
+
+
+@dataclass(frozen=True)
+class DeadLetter(NewDeadLetter):
+    """A recorded dead letter: what was recorded, plus its id and its history."""
+
+    id: int
+    created_at: datetime
+    replayed_at: datetime | None
 
 
 _SELECT = (
