@@ -29,7 +29,7 @@ from aiokafka import TopicPartition
 
 from engine.errors import TransientError
 from engine.generations import GenerationFence
-from engine.postgres.checkpoints import CheckpointStore
+from engine.postgres.checkpoints import CheckpointStore, PartitionProgress
 from engine.postgres.deadletters import DeadLetterStore, NewDeadLetter
 from engine.projection import Projected, Projection, ProjectionStore, RebuildableStore
 from engine.settings import RunnerSettings
@@ -141,14 +141,17 @@ class Lane:
 
     async def process(self, batch: Batch) -> None:
         wanted = [d for d in batch if d.item is not None and self.projection.wants(d.item.envelope)]
-        if wanted:
-            await self._apply(wanted)
+        changed = await self._apply(wanted) if wanted else 0
         for delivery in batch:
             done = delivery.offset + 1
             if self.next_offset.get(delivery.tp, -1) < done:
                 self.next_offset[delivery.tp] = done
+        # Events this projection does not handle count as done too: a reader
+        # waiting for one of them must not wait for ever.
+        await _best_effort(self._checkpoints.advance(self.name, progress_of(batch), changed))
 
-    async def _apply(self, deliveries: list[Delivery]) -> None:
+    async def _apply(self, deliveries: list[Delivery]) -> int:
+        """Apply ``deliveries``; the number of changes the store made."""
         attempts = 0
         delay = self._settings.backoff_initial_s
         while True:
@@ -160,16 +163,16 @@ class Lane:
                 attempts += 1
                 await self._note_failure(exc)
                 if attempts >= self._settings.max_attempts:
-                    await self._isolate_poison(deliveries, attempts)
-                    return
+                    return await self._isolate_poison(deliveries, attempts)
             else:
-                await self._done(deliveries, changed)
-                return
+                self._done(changed)
+                return changed
             await asyncio.sleep(self._backoff(delay))
             delay = min(self._settings.backoff_max_s, delay * 2)
 
-    async def _isolate_poison(self, deliveries: list[Delivery], attempts: int) -> None:
+    async def _isolate_poison(self, deliveries: list[Delivery], attempts: int) -> int:
         """Apply one event at a time; dead-letter exactly the ones that still fail."""
+        total = 0
         for delivery in deliveries:
             delay = self._settings.backoff_initial_s
             while True:
@@ -190,8 +193,10 @@ class Lane:
                     )
                     await self._record(dead_letter(delivery, self.name, exc, attempts))
                 else:
-                    await self._done([delivery], changed)
+                    self._done(changed)
+                    total += changed
                 break
+        return total
 
     async def _store_apply(self, items: list[Projected]) -> int:
         async with self._current_store() as store:
@@ -237,15 +242,31 @@ class Lane:
         log.warning("%s: %s (retrying)", self.name, self.failing)
         await _best_effort(self._checkpoints.failed(self.name, self.failing))
 
-    async def _done(self, deliveries: list[Delivery], changed: int) -> None:
+    def _done(self, changed: int) -> None:
         self.failing = None
         self.applied += changed
-        last = max((d.item for d in deliveries if d.item), key=lambda i: i.envelope.position)
-        await _best_effort(
-            self._checkpoints.advance(
-                self.name, last.envelope.position, last.envelope.occurred_at, changed
-            )
+
+
+def progress_of(batch: Batch) -> list[PartitionProgress]:
+    """Per partition of ``batch``: the next offset and the highest position and time seen."""
+    progress: dict[TopicPartition, PartitionProgress] = {}
+    for delivery in batch:
+        seen = progress.get(delivery.tp)
+        envelope = delivery.item.envelope if delivery.item else None
+        position = envelope.position if envelope else 0
+        event_at = envelope.occurred_at if envelope else None
+        if seen is not None:
+            position = max(position, seen.position)
+            if seen.event_at is not None and (event_at is None or seen.event_at > event_at):
+                event_at = seen.event_at
+        progress[delivery.tp] = PartitionProgress(
+            topic=delivery.tp.topic,
+            partition=delivery.tp.partition,
+            next_offset=max(delivery.offset + 1, seen.next_offset if seen else 0),
+            position=position,
+            event_at=event_at,
         )
+    return list(progress.values())
 
 
 async def _best_effort(step: Any) -> None:

@@ -34,10 +34,11 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from engine import codec
-from engine.errors import TransientError
+from engine.errors import ConfigurationError, TransientError
+from engine.partitioning import partition_for
 from engine.postgres import outbox
 from engine.postgres.pool import CONNECTION_ERRORS, not_migrated
-from engine.settings import KafkaSettings, PostgresSettings, RelaySettings
+from engine.settings import KafkaSettings, PostgresSettings, RelaySettings, env_var
 from engine.topics import ensure_topic
 
 log = logging.getLogger("engine.relay")
@@ -115,6 +116,7 @@ class OutboxRelay:
             producer = _producer(self._kafka)
             await producer.start()
             try:
+                await _check_partitions(producer, self._kafka)
                 await self._publish_loop(conn, producer, stop, until_caught_up=until_caught_up)
             finally:
                 await producer.stop()
@@ -171,7 +173,11 @@ class OutboxRelay:
             record = codec.encode(envelope)
             acks.append(
                 await producer.send(
-                    self._kafka.topic, key=record.key, value=record.value, headers=record.headers
+                    self._kafka.topic,
+                    key=record.key,
+                    value=record.value,
+                    headers=record.headers,
+                    partition=partition_for(envelope.aggregate_id, self._kafka.partitions),
                 )
             )
         # Mark only after Kafka acknowledged every one of them.
@@ -183,6 +189,20 @@ class OutboxRelay:
         self.stats.published += len(events)
         self.stats.batches += 1
         return len(events)
+
+
+async def _check_partitions(producer: AIOKafkaProducer, kafka: KafkaSettings) -> None:
+    """Refuse a topic whose partition count differs from the setting.
+
+    Events go to an explicitly computed partition, and consistency tokens name
+    it; with another count both would be wrong, so this is a configuration error.
+    """
+    actual = len(await producer.partitions_for(kafka.topic))
+    if actual != kafka.partitions:
+        raise ConfigurationError(
+            f"topic {kafka.topic!r} has {actual} partitions but "
+            f"{env_var('kafka', 'partitions')} is {kafka.partitions}; set it to {actual}"
+        )
 
 
 def _producer(kafka: KafkaSettings) -> AIOKafkaProducer:

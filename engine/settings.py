@@ -29,7 +29,7 @@ class _Section(BaseModel):
 
 
 class PostgresSettings(_Section):
-    """Where the write model, the outbox and the Postgres views live."""
+    """The write side's connection: the write model, the outbox, and the views the daemon writes."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=54329, ge=1, le=65535)
@@ -45,6 +45,38 @@ class PostgresSettings(_Section):
         secret = quote(self.password.get_secret_value(), safe="")
         user = quote(self.user, safe="")
         return f"postgresql://{user}:{secret}@{self.host}:{self.port}/{self.database}"
+
+
+class ReadPostgresSettings(_Section):
+    """The query side's connection to the read model (the views): a read-only role.
+
+    Host, port and database default to the write side's (one local server,
+    two roles); point them at another database or a replica fed from the
+    primary to separate the read model. The role gets SELECT only, so a write
+    attempted through it fails.
+    """
+
+    host: str | None = None  # unset: ENGINE_POSTGRES__HOST
+    port: int | None = Field(default=None, ge=1, le=65535)  # unset: ENGINE_POSTGRES__PORT
+    database: str | None = None  # unset: ENGINE_POSTGRES__DATABASE
+    user: str = "engine_reader"
+    password: SecretStr = SecretStr("engine_reader")
+    pool_min_size: int = Field(default=1, ge=0)
+    pool_max_size: int = Field(default=10, ge=1)
+    command_timeout_s: float = Field(default=10.0, gt=0)
+
+    def resolve(self, write: PostgresSettings) -> PostgresSettings:
+        """Connection settings for the read side, filling what is unset from the write side."""
+        return PostgresSettings(
+            host=self.host or write.host,
+            port=self.port or write.port,
+            database=self.database or write.database,
+            user=self.user,
+            password=self.password,
+            pool_min_size=self.pool_min_size,
+            pool_max_size=self.pool_max_size,
+            command_timeout_s=self.command_timeout_s,
+        )
 
 
 class RedisSettings(_Section):
@@ -122,6 +154,21 @@ class RunnerSettings(_Section):
     shutdown_timeout_s: float = Field(default=20.0, gt=0)
 
 
+class ApiSettings(_Section):
+    """The HTTP API (``engine api``)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=18080, ge=1, le=65535)
+    # API keys, off when unset. With a writer key set, commands need it (header
+    # X-API-Key); with a reader key set, queries need the reader or the writer key.
+    writer_key: SecretStr | None = None
+    reader_key: SecretStr | None = None
+    # Longest a query carrying a consistency token waits for its projection.
+    consistency_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    # Requests with a larger body are refused with 413 before they are parsed.
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+
+
 class StackSettings(_Section):
     """The native local stack (``engine stack``): where it keeps its data and how big it is.
 
@@ -153,11 +200,13 @@ class Settings(BaseSettings):
     # The domain this process serves: "package.module:NAME" of an engine.Application.
     app: str = "projections.orders:APP"
     postgres: PostgresSettings = PostgresSettings()
+    read: ReadPostgresSettings = ReadPostgresSettings()
     redis: RedisSettings = RedisSettings()
     kafka: KafkaSettings = KafkaSettings()
     elasticsearch: ElasticsearchSettings = ElasticsearchSettings()
     relay: RelaySettings = RelaySettings()
     runner: RunnerSettings = RunnerSettings()
+    api: ApiSettings = ApiSettings()
     stack: StackSettings = StackSettings()
 
 

@@ -14,31 +14,49 @@ from engine.cli.app import app, load_settings, run_reporting_errors
 from engine.cli.logs import configure
 from engine.postgres.migrations import migrate as apply_migrations
 from engine.postgres.pool import create_pool
+from engine.postgres.roles import grant_read_access
 from engine.relay import OutboxRelay
 from engine.settings import Settings
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
 
 
-async def _migrate(settings: Settings) -> list[str]:
+async def _migrate_and_grant(settings: Settings) -> tuple[list[str], str]:
+    """Apply pending migrations, then set up the query side's read-only role."""
     application = load_application(settings.app)
     pool = await create_pool(settings.postgres)
     try:
-        return await apply_migrations(pool, application.all_migrations())
+        applied = await apply_migrations(pool, application.all_migrations())
+        granted = await grant_read_access(
+            pool, settings.postgres, settings.read.resolve(settings.postgres)
+        )
+        return applied, granted
     finally:
         await pool.close()
 
 
+async def _migrate(settings: Settings) -> list[str]:
+    """Migrate (and grant the read role); the ids of the migrations applied now."""
+    applied, _ = await _migrate_and_grant(settings)
+    return applied
+
+
 @app.command()
 def migrate() -> None:
-    """Create or update the database schema (engine tables and the application's write model)."""
+    """Create or update the database schema and the query side's read-only role.
+
+    Applies the engine's and the application's migrations that are not applied
+    yet (safe to run concurrently and again), then creates or updates the
+    ENGINE_READ__USER role with SELECT on the read model.
+    """
     settings = load_settings()
-    applied = run_reporting_errors(lambda: asyncio.run(_migrate(settings)))
+    applied, granted = run_reporting_errors(lambda: asyncio.run(_migrate_and_grant(settings)))
     console = Console()
     if not applied:
         console.print("schema is up to date")
     for migration_id in applied:
         console.print(f"applied [green]{migration_id}[/green]")
+    console.print(granted)
 
 
 async def _relay(settings: Settings, once: bool) -> int:

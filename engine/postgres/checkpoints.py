@@ -1,15 +1,46 @@
-"""Per-projection checkpoints for operators: how far each projection got, and its last error.
+"""Per-projection checkpoints: how far each projection got on each partition, and its last error.
 
-These rows are informational (``engine status``, lag): the progress that makes
-application idempotent lives with each store's effect, not here.
+Two tables, written together after every batch a lane finishes:
+
+- ``engine_projection_checkpoints``: one row per projection (events applied,
+  last error) for operators (``engine status``);
+- ``engine_partition_progress``: per projection and partition, the next Kafka
+  offset and the highest global position processed. The relay publishes each
+  partition in position order, so "position P on partition p is done" is
+  exactly ``position >= P`` here; consistency tokens (read-your-writes) wait on
+  it, and ``engine status`` computes lag from the offsets.
+
+Neither makes application idempotent (that lives with each store's effect),
+so writing them is best effort: a lost row only delays a reader.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+
+from engine.postgres.migrations import Migration
+
+PROGRESS_MIGRATIONS = (
+    Migration(
+        "engine-0005-partition-progress",
+        """
+        CREATE TABLE engine_partition_progress (
+            projection   text NOT NULL,
+            topic        text NOT NULL,
+            partition    integer NOT NULL,
+            next_offset  bigint NOT NULL,
+            position     bigint NOT NULL,
+            event_at     timestamptz,
+            updated_at   timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (projection, topic, partition)
+        );
+        """,
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -23,23 +54,62 @@ class Checkpoint:
     updated_at: datetime
 
 
+@dataclass(frozen=True)
+class PartitionProgress:
+    """How far one projection got on one partition."""
+
+    topic: str
+    partition: int
+    next_offset: int
+    position: int
+    event_at: datetime | None
+
+
+_ADVANCE = """
+WITH progress AS (
+    INSERT INTO engine_partition_progress
+        (projection, topic, partition, next_offset, position, event_at)
+    SELECT $1, p.topic, p.partition, p.next_offset, p.position, p.event_at
+    FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[], $6::timestamptz[])
+        AS p(topic, partition, next_offset, position, event_at)
+    ON CONFLICT (projection, topic, partition) DO UPDATE SET
+        next_offset = GREATEST(engine_partition_progress.next_offset, EXCLUDED.next_offset),
+        position = GREATEST(engine_partition_progress.position, EXCLUDED.position),
+        event_at = GREATEST(engine_partition_progress.event_at, EXCLUDED.event_at),
+        updated_at = now()
+)
+INSERT INTO engine_projection_checkpoints
+    (projection, last_position, last_event_at, applied, updated_at)
+VALUES ($1, $7, $8, $9, now())
+ON CONFLICT (projection) DO UPDATE SET
+    last_position = GREATEST(engine_projection_checkpoints.last_position, $7),
+    last_event_at = GREATEST(engine_projection_checkpoints.last_event_at, $8),
+    applied = engine_projection_checkpoints.applied + $9,
+    updated_at = now()
+"""
+
+
 class CheckpointStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
     async def advance(
-        self, projection: str, position: int, event_at: datetime | None, applied: int
+        self, projection: str, partitions: Sequence[PartitionProgress], applied: int
     ) -> None:
+        """Record a finished batch: its progress per partition and the events it applied."""
+        if not partitions:
+            return
+        last = max(partitions, key=lambda p: p.position)
         await self._pool.execute(
-            "INSERT INTO engine_projection_checkpoints (projection, last_position, last_event_at,"
-            " applied, updated_at) VALUES ($1, $2, $3, $4, now())"
-            " ON CONFLICT (projection) DO UPDATE SET"
-            " last_position = GREATEST(engine_projection_checkpoints.last_position, $2),"
-            " last_event_at = GREATEST(engine_projection_checkpoints.last_event_at, $3),"
-            " applied = engine_projection_checkpoints.applied + $4, updated_at = now()",
+            _ADVANCE,
             projection,
-            position,
-            event_at,
+            [p.topic for p in partitions],
+            [p.partition for p in partitions],
+            [p.next_offset for p in partitions],
+            [p.position for p in partitions],
+            [p.event_at for p in partitions],
+            last.position,
+            last.event_at,
             applied,
         )
 
@@ -58,3 +128,13 @@ class CheckpointStore:
             " updated_at FROM engine_projection_checkpoints ORDER BY projection"
         )
         return [Checkpoint(**dict(r)) for r in rows]
+
+    async def progress(self, projection: str, topic: str) -> list[PartitionProgress]:
+        rows = await self._pool.fetch(
+            "SELECT topic, partition, next_offset, position, event_at"
+            " FROM engine_partition_progress WHERE projection = $1 AND topic = $2"
+            " ORDER BY partition",
+            projection,
+            topic,
+        )
+        return [PartitionProgress(**dict(r)) for r in rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine.generations import GENERATION_MIGRATIONS
+from engine.postgres.checkpoints import PROGRESS_MIGRATIONS
 from engine.postgres.deadletters import DEAD_LETTER_MIGRATIONS
 from engine.postgres.outbox import OUTBOX_MIGRATIONS
 from engine.stores.postgres import PROJECTION_MIGRATIONS
@@ -12,4 +13,5 @@ ENGINE_MIGRATIONS = (
     *PROJECTION_MIGRATIONS,
     *DEAD_LETTER_MIGRATIONS,
     *GENERATION_MIGRATIONS,
+    *PROGRESS_MIGRATIONS,
 )

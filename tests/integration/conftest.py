@@ -18,13 +18,14 @@ from engine import (
     migrate,
     open_resources,
 )
+from engine.postgres.roles import grant_read_access
 from projections.orders import APP
 
 # Tables a test may fill; emptied before each test that uses the write side.
 _TABLES = (
     "order_items, orders, products, customers, engine_outbox, engine_event_log, engine_commands,"
     " engine_projection_versions, engine_dead_letters, engine_projection_checkpoints,"
-    " engine_projection_generations"
+    " engine_projection_generations, engine_partition_progress"
 )
 
 
@@ -60,6 +61,9 @@ def test_db(stack: Settings) -> Iterator[Settings]:
         pool = await create_pool(settings.postgres)
         try:
             await migrate(pool, APP.all_migrations())
+            await grant_read_access(
+                pool, settings.postgres, settings.read.resolve(settings.postgres)
+            )
         finally:
             await pool.close()
 
