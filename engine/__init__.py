@@ -14,6 +14,7 @@ from engine.commands import (
     UnitOfWork,
     validate_command,
 )
+from engine.consistency import ConsistencyGate, ConsistencyToken
 from engine.errors import (
     CommandIdReusedError,
     ConfigurationError,
@@ -23,6 +24,7 @@ from engine.errors import (
     InvalidInputError,
     MissingToolError,
     NotFoundError,
+    NotYetConsistentError,
     PoisonError,
     PortInUseError,
     RuleViolationError,
@@ -33,8 +35,10 @@ from engine.errors import (
     ValidationFailedError,
 )
 from engine.events import DomainEvent, EventEnvelope
+from engine.partitioning import partition_for
 from engine.postgres.migrations import Migration, migrate
 from engine.postgres.pool import Connection, create_pool
+from engine.postgres.roles import grant_read_access
 from engine.postgres.schema import ENGINE_MIGRATIONS
 from engine.projection import (
     Document,
@@ -50,21 +54,25 @@ from engine.relay import OutboxRelay
 from engine.resources import Resources, open_resources
 from engine.runner import ProjectionRunner
 from engine.settings import (
+    ApiSettings,
     ElasticsearchSettings,
     KafkaSettings,
     PostgresSettings,
+    ReadPostgresSettings,
     RedisSettings,
     RelaySettings,
+    RunnerSettings,
     Settings,
     StackSettings,
 )
 from engine.stores.elasticsearch import ElasticsearchDocumentStore
 from engine.stores.postgres import PostgresDocumentStore, PostgresSqlStore
-from engine.stores.redis import RedisHashStore
+from engine.stores.redis import RedisHashReader, RedisHashStore
 from engine.topics import ensure_topic
 
 __all__ = [
     "ENGINE_MIGRATIONS",
+    "ApiSettings",
     "Application",
     "Command",
     "CommandBus",
@@ -73,6 +81,8 @@ __all__ = [
     "ConfigurationError",
     "ConflictError",
     "Connection",
+    "ConsistencyGate",
+    "ConsistencyToken",
     "Document",
     "DocumentProjection",
     "DomainEvent",
@@ -88,6 +98,7 @@ __all__ = [
     "Migration",
     "MissingToolError",
     "NotFoundError",
+    "NotYetConsistentError",
     "OutboxRelay",
     "PoisonError",
     "PortInUseError",
@@ -98,12 +109,15 @@ __all__ = [
     "Projection",
     "ProjectionRunner",
     "ProjectionStore",
+    "ReadPostgresSettings",
     "RebuildableStore",
+    "RedisHashReader",
     "RedisHashStore",
     "RedisSettings",
     "RelaySettings",
     "Resources",
     "RuleViolationError",
+    "RunnerSettings",
     "ServiceUnavailableError",
     "Settings",
     "SqlProjection",
@@ -115,8 +129,10 @@ __all__ = [
     "ValidationFailedError",
     "create_pool",
     "ensure_topic",
+    "grant_read_access",
     "load_application",
     "migrate",
     "open_resources",
+    "partition_for",
     "validate_command",
 ]

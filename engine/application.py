@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.commands import Command, Handler
+from engine.demo import DemoLoader
 from engine.errors import ConfigurationError
 from engine.postgres.migrations import Migration
 from engine.postgres.schema import ENGINE_MIGRATIONS
@@ -19,8 +21,15 @@ from engine.projection import Projection, ProjectionStore
 from engine.registry import EventRegistry
 from engine.resources import Resources
 
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+
 # Builds the projections of an application, each paired with its store.
 ProjectionFactory = Callable[[Resources], Sequence[tuple[Projection, ProjectionStore]]]
+
+
+# Builds the application's FastAPI router (its command and query endpoints).
+ApiFactory = Callable[[], "APIRouter"]
 
 
 def _no_projections(_resources: Resources) -> Sequence[tuple[Projection, ProjectionStore]]:
@@ -36,6 +45,8 @@ class Application:
     handlers: Mapping[type[Command], Handler]
     registry: EventRegistry
     projections: ProjectionFactory = field(default=_no_projections)
+    demo: DemoLoader | None = None  # loads a sample for `engine demo`
+    api: ApiFactory | None = None  # the HTTP endpoints for `engine api`
 
     def all_migrations(self) -> list[Migration]:
         """The engine's own tables first, then the domain's."""

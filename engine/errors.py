@@ -26,6 +26,8 @@ exc``, so that callers never need to import a driver to handle a failure.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class EngineError(Exception):
     """Root of every error the engine raises."""
@@ -54,6 +56,23 @@ class ConflictError(TransientError):
         super().__init__(detail)
 
 
+class NotYetConsistentError(TransientError):
+    """A read asked for read-your-writes and its projection has not caught up in time.
+
+    Answering with the stale state would present old data as fresh, so the
+    caller gets this instead and may retry.
+    """
+
+    def __init__(self, projection: str, token: str, waited_s: float) -> None:
+        self.projection = projection
+        self.token = token
+        self.waited_s = waited_s
+        super().__init__(
+            f"the projection {projection!r} has not applied the write of consistency token "
+            f"{token} yet (waited {waited_s:.1f}s); retry shortly"
+        )
+
+
 class InvalidInputError(EngineError):
     """The caller sent something that can never succeed as it is."""
 
@@ -77,7 +96,15 @@ class NotFoundError(InvalidInputError):
 
 
 class RuleViolationError(InvalidInputError):
-    """A business rule forbids the command in the aggregate's current state."""
+    """A business rule forbids the command in the aggregate's current state.
+
+    ``details`` carries what a client needs to understand it (for a refused
+    transition: the current and the requested state); the HTTP API returns it.
+    """
+
+    def __init__(self, message: str, details: Mapping[str, str] | None = None) -> None:
+        self.details = dict(details or {})
+        super().__init__(message)
 
 
 class CommandIdReusedError(InvalidInputError):

@@ -152,3 +152,34 @@ class RedisHashStore:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+# KEYS[1]: the generation pointer. ARGV: base prefix, aggregate id. One round trip,
+# and atomic, so a rebuild switching generations never splits the two reads.
+_READ_SCRIPT = """
+local generation = redis.call('GET', KEYS[1]) or '1'
+return redis.call('HGETALL', ARGV[1] .. 'g' .. generation .. ':' .. ARGV[2])
+"""
+
+
+class RedisHashReader:
+    """Reads the current generation's hash of one aggregate (the query side of the store)."""
+
+    def __init__(self, client: aioredis.Redis, base_prefix: str) -> None:
+        self._client = client
+        self._base_prefix = base_prefix
+        self._script = client.register_script(_READ_SCRIPT)
+
+    async def get(self, aggregate_id: str) -> tuple[dict[str, str], int] | None:
+        """The hash's fields and its version, or None when there is no such key."""
+        try:
+            flat = await self._script(
+                keys=[generation_pointer(self._base_prefix)],
+                args=[self._base_prefix, aggregate_id],
+            )
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise ServiceUnavailableError("Redis", str(exc)) from exc
+        if not flat:
+            return None
+        fields = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+        return fields, int(fields.pop(VERSION_FIELD, "0"))

@@ -51,7 +51,8 @@ class InvalidTransitionError(RuleViolationError):
                 f" (allowed: {', '.join(sorted(TRANSITIONS[current]))})"
                 if TRANSITIONS[current]
                 else ""
-            )
+            ),
+            details={"current": current.value, "requested": target.value},
         )
 
 

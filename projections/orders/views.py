@@ -134,7 +134,9 @@ class CustomerOrders(DocumentProjection):
             updated_at  timestamptz,
             version     integer NOT NULL
         );
-        CREATE INDEX IF NOT EXISTS {table}_by_customer ON {table} (customer_id, created_at DESC, id)
+        CREATE INDEX IF NOT EXISTS {table}_by_customer
+            ON {table} (customer_id, created_at DESC, id DESC);
+        CREATE INDEX IF NOT EXISTS {table}_by_status ON {table} (status, created_at DESC, id DESC)
     """
 
     def apply(self, doc: Document | None, item: Projected) -> Document:

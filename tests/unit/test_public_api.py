@@ -4,6 +4,7 @@ import engine
 def test_public_names_are_pinned() -> None:
     # Changing the public surface is a decision: update this list on purpose.
     assert sorted(engine.__all__) == [
+        "ApiSettings",
         "Application",
         "Command",
         "CommandBus",
@@ -12,6 +13,8 @@ def test_public_names_are_pinned() -> None:
         "ConfigurationError",
         "ConflictError",
         "Connection",
+        "ConsistencyGate",
+        "ConsistencyToken",
         "Document",
         "DocumentProjection",
         "DomainEvent",
@@ -28,6 +31,7 @@ def test_public_names_are_pinned() -> None:
         "Migration",
         "MissingToolError",
         "NotFoundError",
+        "NotYetConsistentError",
         "OutboxRelay",
         "PoisonError",
         "PortInUseError",
@@ -38,12 +42,15 @@ def test_public_names_are_pinned() -> None:
         "Projection",
         "ProjectionRunner",
         "ProjectionStore",
+        "ReadPostgresSettings",
         "RebuildableStore",
+        "RedisHashReader",
         "RedisHashStore",
         "RedisSettings",
         "RelaySettings",
         "Resources",
         "RuleViolationError",
+        "RunnerSettings",
         "ServiceUnavailableError",
         "Settings",
         "SqlProjection",
@@ -55,9 +62,11 @@ def test_public_names_are_pinned() -> None:
         "ValidationFailedError",
         "create_pool",
         "ensure_topic",
+        "grant_read_access",
         "load_application",
         "migrate",
         "open_resources",
+        "partition_for",
         "validate_command",
     ]
     for name in engine.__all__:

@@ -1,0 +1,12 @@
+"""The HTTP API: the engine's generic part (context, errors, keys, limits, health).
+
+Applications add their own command and query endpoints as FastAPI routers
+(``Application.api``), using :func:`api_context` to reach the command bus and
+the read side, and :data:`WRITER` / :data:`READER` to guard them with keys.
+"""
+
+from engine.api.app import create_app
+from engine.api.context import ApiContext, api_context, consistency_token
+from engine.api.security import READER, WRITER
+
+__all__ = ["READER", "WRITER", "ApiContext", "api_context", "consistency_token", "create_app"]

@@ -1,0 +1,52 @@
+"""Building the FastAPI application: the engine's part and the application's routers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI
+
+from engine.api.context import open_api_context
+from engine.api.errors import install_error_handlers
+from engine.api.limits import BodyLimit
+from engine.application import Application
+from engine.settings import Settings
+
+
+def _version() -> str:
+    try:
+        return version("cqrs-projection-engine")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def create_app(settings: Settings, application: Application) -> FastAPI:
+    """The HTTP API of ``application``; connections open when the server starts."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with open_api_context(settings, application) as context:
+            app.state.context = context
+            yield
+
+    app = FastAPI(
+        title=f"{application.name} — CQRS projection engine",
+        version=_version(),
+        description="Commands go to PostgreSQL and on through Kafka; queries read the "
+        "projections (PostgreSQL views, Redis, Elasticsearch). Every command answers with a "
+        "consistency_token: pass it to a query to read your own write.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
+
+    @app.get("/health", tags=["engine"], summary="Liveness: the API process answers")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    if application.api is not None:
+        app.include_router(application.api())
+    return app

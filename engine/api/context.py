@@ -1,0 +1,111 @@
+"""What the API's endpoints reach: the command bus, the read side and the consistency gate."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated
+
+import asyncpg
+import redis.asyncio as aioredis
+from elasticsearch import AsyncElasticsearch
+from fastapi import Header, Query, Request
+
+from engine.application import Application
+from engine.commands import CommandBus, CommandResult
+from engine.consistency import ConsistencyGate, ConsistencyToken
+from engine.errors import ConfigurationError
+from engine.postgres.pool import create_pool
+from engine.resources import Resources
+from engine.settings import Settings, env_var
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """Opened once per API process (FastAPI lifespan), shared by every request."""
+
+    settings: Settings
+    application: Application
+    bus: CommandBus
+    # The read side: ``pool`` here is the read-only role's pool.
+    reads: Resources
+    gate: ConsistencyGate
+
+    def token_for(self, result: CommandResult) -> str | None:
+        token = ConsistencyToken.of(result, self.settings.kafka.partitions)
+        return token.encode() if token else None
+
+
+@asynccontextmanager
+async def open_api_context(
+    settings: Settings, application: Application
+) -> AsyncIterator[ApiContext]:
+    write_pool = await create_pool(settings.postgres)
+    try:
+        read_pool = await _read_pool(settings)
+        redis_client = aioredis.Redis(
+            host=settings.redis.host,
+            port=settings.redis.port,
+            db=settings.redis.db,
+            socket_connect_timeout=5,
+            socket_timeout=10,
+            decode_responses=True,
+        )
+        es = AsyncElasticsearch(
+            settings.elasticsearch.url, request_timeout=settings.elasticsearch.request_timeout_s
+        )
+        try:
+            yield ApiContext(
+                settings=settings,
+                application=application,
+                bus=CommandBus(write_pool, application.handlers, settings.postgres),
+                reads=Resources(
+                    settings=settings, pool=read_pool, redis=redis_client, elasticsearch=es
+                ),
+                gate=ConsistencyGate(
+                    read_pool, settings.kafka.topic, settings.api.consistency_timeout_s
+                ),
+            )
+        finally:
+            await es.close()
+            await redis_client.aclose()
+            await read_pool.close()
+    finally:
+        await write_pool.close()
+
+
+async def _read_pool(settings: Settings) -> asyncpg.Pool:
+    read = settings.read.resolve(settings.postgres)
+    try:
+        return await create_pool(read)
+    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
+        raise ConfigurationError(
+            f"the read-only role {read.user!r} cannot log in ({exc}); create it with "
+            f"'engine migrate', or set {env_var('read', 'user')} and "
+            f"{env_var('read', 'password')}"
+        ) from exc
+
+
+def api_context(request: Request) -> ApiContext:
+    """FastAPI dependency: the process's context."""
+    context: ApiContext = request.app.state.context
+    return context
+
+
+def consistency_token(
+    consistency_token: Annotated[
+        str | None,
+        Query(
+            description="Wait (bounded) until the projection read has applied the write that "
+            "returned this token; 503 not_yet_consistent if it has not in time.",
+            max_length=40,
+        ),
+    ] = None,
+    x_consistency_token: Annotated[
+        str | None, Header(description="The same as the query parameter.", max_length=40)
+    ] = None,
+) -> ConsistencyToken | None:
+    """FastAPI dependency: the token from the query string or the header, parsed."""
+    text = consistency_token or x_consistency_token
+    return ConsistencyToken.parse(text) if text else None

@@ -1,0 +1,280 @@
+"""The orders HTTP endpoints: commands through the bus, queries through the read side.
+
+Built on the engine's public API (``engine.api``): the engine supplies the
+context, the error mapping (422/404/409/503), body limits and API keys.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from decimal import Decimal
+from typing import Annotated, TypeVar
+from uuid import UUID
+
+import elasticsearch
+from elasticsearch import AsyncElasticsearch
+from fastapi import APIRouter, Body, Depends, Path, Query, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine import Command, ConsistencyToken, RedisHashReader, ServiceUnavailableError
+from engine.api import READER, WRITER, ApiContext, api_context, consistency_token
+from projections.orders.commands import (
+    Address,
+    CancelOrder,
+    ChangeShippingAddress,
+    ConfirmOrder,
+    CreateOrder,
+    DeliverOrder,
+    RegisterCustomer,
+    RegisterProduct,
+    ShipOrder,
+)
+from projections.orders.queries import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    OrderDetailsView,
+    OrdersQueries,
+    OrderStatsReport,
+    OrderSummaryPage,
+    QuickLookup,
+)
+from projections.orders.rules import OrderStatus
+from projections.orders.search import (
+    OrderSearchPage,
+    SortDirection,
+    SortField,
+    parse_search_query,
+    search_orders,
+)
+from projections.orders.views import OrderSearch
+from projections.orders.wiring import quick_lookup_prefix, search_alias
+
+Context = Annotated[ApiContext, Depends(api_context)]
+Token = Annotated[ConsistencyToken | None, Depends(consistency_token)]
+OrderId = Annotated[UUID, Path(description="The order's id.")]
+
+
+class CommandAccepted(BaseModel):
+    """What a command did. Pass ``consistency_token`` to a query to read this write."""
+
+    command_id: UUID
+    aggregate_id: str
+    version: int
+    consistency_token: str | None
+    event_types: list[str]
+    # True when this command id was seen before: nothing new was recorded.
+    duplicate: bool
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+    command_id: UUID | None = Field(
+        default=None, description="Idempotency key: a retry with the same id records nothing new."
+    )
+    expected_version: int | None = Field(
+        default=None, ge=1, description="Refuse with 409 if the order moved past this version."
+    )
+
+
+class ConfirmBody(_Body):
+    pass
+
+
+class DeliverBody(_Body):
+    pass
+
+
+class ShipBody(_Body):
+    tracking_number: str = Field(min_length=1, max_length=64)
+    carrier: str = Field(default="unspecified", min_length=1, max_length=64)
+
+
+class CancelBody(_Body):
+    reason: str = Field(min_length=1, max_length=500)
+
+
+class AddressBody(_Body):
+    shipping_address: Address
+
+
+async def _execute(ctx: ApiContext, command: Command) -> CommandAccepted:
+    result = await ctx.bus.execute(command)
+    return CommandAccepted(
+        command_id=result.command_id,
+        aggregate_id=result.aggregate_id,
+        version=result.version,
+        consistency_token=ctx.token_for(result),
+        event_types=result.event_types,
+        duplicate=result.duplicate,
+    )
+
+
+C = TypeVar("C", bound=Command)
+
+
+def _order_command(kind: type[C], order_id: UUID, body: _Body) -> C:
+    fields = body.model_dump(exclude_none=True)
+    return kind.model_validate({**fields, "order_id": order_id})
+
+
+def _queries(ctx: ApiContext) -> OrdersQueries:
+    reads = ctx.reads
+    return OrdersQueries(
+        pool=reads.pool,
+        quick=RedisHashReader(reads.redis, quick_lookup_prefix(reads)),
+        gate=ctx.gate,
+    )
+
+
+async def _refresh(es: AsyncElasticsearch, alias: str) -> None:
+    try:
+        await es.indices.refresh(index=alias)
+    except elasticsearch.NotFoundError:
+        return  # no index yet: the search itself says so
+    except elasticsearch.TransportError as exc:
+        raise ServiceUnavailableError("Elasticsearch", alias, str(exc)) from exc
+
+
+def build_router() -> APIRouter:
+    """All orders endpoints (``Application.api``)."""
+    commands = APIRouter(tags=["commands"], dependencies=[WRITER])
+    _command_routes(commands)
+    queries = APIRouter(tags=["queries"], dependencies=[READER])
+    _query_routes(queries)
+    router = APIRouter()
+    router.include_router(commands)
+    router.include_router(queries)
+    return router
+
+
+def _command_routes(router: APIRouter) -> None:
+    created = status.HTTP_201_CREATED
+
+    @router.post("/customers", summary="Register a customer", status_code=created)
+    async def register_customer(ctx: Context, command: RegisterCustomer) -> CommandAccepted:
+        return await _execute(ctx, command)
+
+    @router.post("/products", summary="Register a product (the price list)", status_code=created)
+    async def register_product(ctx: Context, command: RegisterProduct) -> CommandAccepted:
+        return await _execute(ctx, command)
+
+    @router.post("/orders", summary="Create an order (PENDING)", status_code=created)
+    async def create_order(ctx: Context, command: CreateOrder) -> CommandAccepted:
+        return await _execute(ctx, command)
+
+    @router.post("/orders/{order_id}/confirm")
+    async def confirm_order(
+        ctx: Context, order_id: OrderId, body: Annotated[ConfirmBody | None, Body()] = None
+    ) -> CommandAccepted:
+        """PENDING -> CONFIRMED."""
+        return await _execute(ctx, _order_command(ConfirmOrder, order_id, body or ConfirmBody()))
+
+    @router.post("/orders/{order_id}/ship")
+    async def ship_order(ctx: Context, order_id: OrderId, body: ShipBody) -> CommandAccepted:
+        """CONFIRMED -> SHIPPED, with the tracking number."""
+        return await _execute(ctx, _order_command(ShipOrder, order_id, body))
+
+    @router.post("/orders/{order_id}/deliver")
+    async def deliver_order(
+        ctx: Context, order_id: OrderId, body: Annotated[DeliverBody | None, Body()] = None
+    ) -> CommandAccepted:
+        """SHIPPED -> DELIVERED."""
+        return await _execute(ctx, _order_command(DeliverOrder, order_id, body or DeliverBody()))
+
+    @router.post("/orders/{order_id}/cancel")
+    async def cancel_order(ctx: Context, order_id: OrderId, body: CancelBody) -> CommandAccepted:
+        """Cancel an order that is not delivered yet."""
+        return await _execute(ctx, _order_command(CancelOrder, order_id, body))
+
+    @router.put("/orders/{order_id}/shipping-address")
+    async def change_address(ctx: Context, order_id: OrderId, body: AddressBody) -> CommandAccepted:
+        """Change where an order goes, until it ships."""
+        return await _execute(ctx, _order_command(ChangeShippingAddress, order_id, body))
+
+
+def _query_routes(router: APIRouter) -> None:
+    limit_param = Query(ge=1, le=MAX_PAGE_SIZE, description=f"At most {MAX_PAGE_SIZE}.")
+    cursor_param = Query(max_length=200, description="next_cursor of the previous page.")
+
+    @router.get("/orders/{order_id}")
+    async def order_details(ctx: Context, order_id: OrderId, token: Token) -> OrderDetailsView:
+        """Everything about one order (PostgreSQL view ``order_details``)."""
+        return await _queries(ctx).order_details(str(order_id), token)
+
+    @router.get("/orders/{order_id}/quick")
+    async def quick_lookup(ctx: Context, order_id: OrderId, token: Token) -> QuickLookup:
+        """Status and total by key from Redis; from PostgreSQL if the key is missing."""
+        return await _queries(ctx).quick_lookup(str(order_id), token)
+
+    @router.get("/customers/{customer_id}/orders")
+    async def customer_orders(
+        ctx: Context,
+        customer_id: Annotated[UUID, Path()],
+        token: Token,
+        cursor: Annotated[str | None, cursor_param] = None,
+        limit: Annotated[int, limit_param] = DEFAULT_PAGE_SIZE,
+    ) -> OrderSummaryPage:
+        """A customer's orders, newest first, a page at a time."""
+        return await _queries(ctx).customer_orders(
+            str(customer_id), cursor=cursor, limit=limit, token=token
+        )
+
+    @router.get("/orders")
+    async def orders_by_status(
+        ctx: Context,
+        status: OrderStatus,
+        token: Token,
+        cursor: Annotated[str | None, cursor_param] = None,
+        limit: Annotated[int, limit_param] = DEFAULT_PAGE_SIZE,
+    ) -> OrderSummaryPage:
+        """Orders currently in a status, newest first."""
+        return await _queries(ctx).orders_by_status(status, cursor=cursor, limit=limit, token=token)
+
+    @router.get("/stats/orders")
+    async def order_stats(
+        ctx: Context, date_from: date, date_to: date, token: Token
+    ) -> OrderStatsReport:
+        """Orders and revenue per day placed and status, with totals (inclusive range)."""
+        return await _queries(ctx).order_stats(date_from, date_to, token)
+
+    @router.get("/search/orders")
+    async def search(  # noqa: PLR0917 - one parameter per search filter
+        ctx: Context,
+        token: Token,
+        text: Annotated[str | None, Query(max_length=200)] = None,
+        status: Annotated[list[OrderStatus] | None, Query()] = None,
+        min_total: Annotated[Decimal | None, Query(ge=0)] = None,
+        max_total: Annotated[Decimal | None, Query(ge=0)] = None,
+        created_from: Annotated[date | None, Query()] = None,
+        created_to: Annotated[date | None, Query()] = None,
+        sort: SortField = SortField.RELEVANCE,
+        direction: SortDirection = SortDirection.DESC,
+        page: Annotated[int, Query(ge=1)] = 1,
+        size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
+    ) -> OrderSearchPage:
+        """Free text over customer name, product names and city; filters, sorting, paging.
+
+        The text is matched as words (never parsed as query syntax).
+        """
+        query = parse_search_query(
+            {
+                "text": text,
+                "status": status or [],
+                "min_total": min_total,
+                "max_total": max_total,
+                "created_from": created_from,
+                "created_to": created_to,
+                "sort": sort,
+                "direction": direction,
+                "page": page,
+                "size": size,
+            }
+        )
+        reads = ctx.reads
+        alias = search_alias(reads)
+        if token is not None:
+            await ctx.gate.wait([OrderSearch.name], token)
+            # Applied is not yet searchable: make the index's latest writes visible.
+            await _refresh(reads.elasticsearch, alias)
+        return await search_orders(reads.elasticsearch, alias, query)
