@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -167,6 +168,30 @@ async def purge_published(conn: Connection, retention_hours: float) -> int:
 async def pending_count(conn: Connection) -> int:
     count = await conn.fetchval("SELECT count(*) FROM engine_outbox WHERE published_at IS NULL")
     return int(count)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What the relay still has to publish: how many rows, and when the first one occurred."""
+
+    count: int
+    oldest_at: datetime | None
+
+
+async def pending_backlog(conn: Connection) -> Backlog:
+    """Unpublished rows and the time of the lowest position among them.
+
+    The lowest position stands for the oldest: both index look-ups, so this
+    stays cheap with a large backlog (an exact ``min(occurred_at)`` would join
+    every pending row).
+    """
+    row = await conn.fetchrow(
+        "SELECT (SELECT count(*) FROM engine_outbox WHERE published_at IS NULL) AS count,"
+        " (SELECT e.occurred_at FROM engine_event_log e WHERE e.position ="
+        " (SELECT min(position) FROM engine_outbox WHERE published_at IS NULL)) AS oldest_at"
+    )
+    assert row is not None  # a SELECT without FROM always returns one row
+    return Backlog(count=int(row["count"]), oldest_at=row["oldest_at"])
 
 
 async def read_log(

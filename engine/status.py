@@ -1,0 +1,361 @@
+"""Where each projection stands (position, lag, dead letters, last error), and the outbox.
+
+Cheap enough to answer on every ``GET /status``: a few indexed queries, one
+metadata and two offset requests to Kafka and, only for partitions a
+projection is behind on, one small fetch each.
+
+Lag in events is counted in Kafka offsets, not in global positions: positions
+interleave across partitions, while offsets are contiguous in each one (the
+relay's idempotent, non-transactional producer writes no control records), so
+``end offset - next offset`` is exactly the number of messages a projection
+has not processed yet. The daemon records a partition's progress when a batch
+finishes, so a caught-up projection shows 0.
+
+Lag in seconds is the age of the oldest message a projection has not
+processed: the Kafka timestamp (when the relay published it) of the record at
+its next offset, on the lagging partition that waits longest. That is how old
+the newest change a reader of the projection may be missing is. The age of the
+newest *applied* event, which the progress rows hold, would be cheaper but
+wrong for an idle partition: quiet for a day, it would show a day of lag on
+its first new event. How long events wait in the outbox before they are
+published is reported separately (``OutboxStatus``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from pydantic import BaseModel, ConfigDict, computed_field
+
+from engine.application import Application
+from engine.errors import ServiceUnavailableError
+from engine.postgres import outbox
+from engine.postgres.checkpoints import Checkpoint, CheckpointStore, PartitionProgress
+from engine.postgres.deadletters import DeadLetterStore
+from engine.postgres.pool import CONNECTION_ERRORS, not_migrated, unavailable
+from engine.resources import Resources
+from engine.settings import KafkaSettings, Settings, env_var
+
+# Reading the first unprocessed record of a partition should take milliseconds;
+# past this, its time is reported as unknown rather than holding the caller.
+_RECORD_WAIT_S = 5.0
+# Only the first record of each partition is wanted: do not prefetch a megabyte.
+_FETCH_BYTES = 64 * 1024
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
+
+
+class PartitionLag(_Model):
+    """One projection on one partition of the event topic."""
+
+    partition: int
+    next_offset: int
+    """The first offset the projection has not processed (the partition's first if none)."""
+    end_offset: int
+    """The offset the next message published to the partition will get."""
+    oldest_unapplied_at: datetime | None = None
+    """When the message at ``next_offset`` was published; None if caught up or not read in time."""
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def lag_events(self) -> int:
+        """Messages published to the partition that the projection has not processed."""
+        return max(0, self.end_offset - self.next_offset)
+
+
+class ProjectionStatus(_Model):
+    """How far one projection got, how far behind it is, and what went wrong."""
+
+    name: str
+    position: int = 0
+    """The highest global event position processed (0: none yet)."""
+    applied: int = 0
+    """Changes the projection's store made, over its whole life."""
+    updated_at: datetime | None = None
+    """When the daemon last recorded a finished batch of this projection."""
+    lag_seconds: float | None = 0.0
+    """Seconds since the oldest message the projection has not processed was published to Kafka
+    (on the lagging partition that waits longest); 0 when caught up; None when behind but that
+    message could not be read in time. Time spent in the outbox is not included (see the outbox)."""
+    dead_letters: int = 0
+    """Dead letters not replayed yet: this projection's and those of every projection (``*``)."""
+    last_error: str | None = None
+    """The last failure the daemon recorded for this projection (it may since have recovered)."""
+    last_error_at: datetime | None = None
+    error_current: bool = False
+    """True when no batch finished after the last error: the projection is failing now."""
+    partitions: list[PartitionLag] = []
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def lag_events(self) -> int:
+        """Messages published to Kafka that the projection has not processed (all partitions)."""
+        return sum(p.lag_events for p in self.partitions)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def healthy(self) -> bool:
+        """No current error and no dead letter waiting; lag alone is not a failure."""
+        return not self.error_current and self.dead_letters == 0
+
+
+class OutboxStatus(_Model):
+    """Events committed but not yet published to Kafka by the relay."""
+
+    unpublished: int
+    oldest_age_seconds: float | None
+    """Seconds since the first unpublished event (lowest position) occurred; None if none."""
+
+
+class EngineStatus(_Model):
+    """Every projection of the application, and the outbox, at ``collected_at``."""
+
+    collected_at: datetime
+    topic: str
+    projections: list[ProjectionStatus]
+    outbox: OutboxStatus
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def healthy(self) -> bool:
+        """Every projection is healthy."""
+        return all(p.healthy for p in self.projections)
+
+
+async def collect_status(
+    settings: Settings, application: Application, resources: Resources
+) -> EngineStatus:
+    """The status of every projection of ``application``, and of the outbox.
+
+    Reads Postgres (``resources.pool``) and Kafka (``settings.kafka``); a service
+    that cannot be reached raises :class:`ServiceUnavailableError` naming it.
+    """
+    names = [projection.name for projection, _store in application.projections(resources)]
+    # Postgres before Kafka: progress read first can only make the lag look larger, never
+    # hide it.
+    recorded = await _read_postgres(resources.pool, names, settings)
+    lags = await _read_kafka(settings.kafka, recorded.progress)
+    now = datetime.now(UTC)
+    return EngineStatus(
+        collected_at=now,
+        topic=settings.kafka.topic,
+        projections=[
+            _projection(
+                name, recorded.checkpoints.get(name), recorded.dead_letters[name], lags[name], now
+            )
+            for name in names
+        ],
+        outbox=OutboxStatus(
+            unpublished=recorded.backlog.count,
+            oldest_age_seconds=_age(recorded.backlog.oldest_at, now),
+        ),
+    )
+
+
+def _projection(
+    name: str,
+    checkpoint: Checkpoint | None,
+    dead_letters: int,
+    partitions: list[PartitionLag],
+    now: datetime,
+) -> ProjectionStatus:
+    lag_seconds = _lag_seconds(partitions, now)
+    if checkpoint is None:  # the daemon never finished a batch of it, nor failed
+        return ProjectionStatus(
+            name=name, lag_seconds=lag_seconds, dead_letters=dead_letters, partitions=partitions
+        )
+    # A failure before any finished batch creates the row with both times set to one now().
+    never_finished = checkpoint.updated_at == checkpoint.last_error_at
+    return ProjectionStatus(
+        name=name,
+        position=checkpoint.last_position,
+        applied=checkpoint.applied,
+        updated_at=None if never_finished else checkpoint.updated_at,
+        lag_seconds=lag_seconds,
+        dead_letters=dead_letters,
+        last_error=checkpoint.last_error,
+        last_error_at=checkpoint.last_error_at,
+        error_current=checkpoint.last_error_at is not None
+        and checkpoint.last_error_at >= checkpoint.updated_at,
+        partitions=partitions,
+    )
+
+
+def _lag_seconds(partitions: Sequence[PartitionLag], now: datetime) -> float | None:
+    lagging = [p for p in partitions if p.lag_events > 0]
+    if not lagging:
+        return 0.0
+    published = [p.oldest_unapplied_at for p in lagging if p.oldest_unapplied_at is not None]
+    return _age(min(published), now) if published else None
+
+
+def _age(since: datetime | None, now: datetime) -> float | None:
+    return None if since is None else round(max(0.0, (now - since).total_seconds()), 3)
+
+
+# -- Postgres -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    """What the daemon and the relay recorded in Postgres."""
+
+    checkpoints: dict[str, Checkpoint]
+    progress: dict[str, list[PartitionProgress]]
+    dead_letters: dict[str, int]
+    backlog: outbox.Backlog
+
+
+async def _read_postgres(pool: asyncpg.Pool, names: Sequence[str], settings: Settings) -> _Recorded:
+    checkpoints = CheckpointStore(pool)
+    letters = DeadLetterStore(pool)
+    try:
+        recorded = {c.projection: c for c in await checkpoints.all()}
+        progress = {n: await checkpoints.progress(n, settings.kafka.topic) for n in names}
+        dead_letters = {n: await letters.count(n) for n in names}
+        async with pool.acquire() as conn:
+            backlog = await outbox.pending_backlog(conn)
+    except asyncpg.UndefinedTableError as exc:
+        raise not_migrated(exc) from exc
+    except CONNECTION_ERRORS as exc:
+        raise unavailable(settings.postgres) from exc
+    return _Recorded(recorded, progress, dead_letters, backlog)
+
+
+# -- Kafka ----------------------------------------------------------------------------
+
+
+async def _read_kafka(
+    kafka: KafkaSettings, progress: Mapping[str, Sequence[PartitionProgress]]
+) -> dict[str, list[PartitionLag]]:
+    """Per projection, its lag on each partition of the topic (none if the topic is missing)."""
+    try:
+        partitions = await _partitions(kafka)
+        if not partitions:  # nothing was ever published
+            return {name: [] for name in progress}
+        async with _consumer(kafka) as consumer:
+            tps = [TopicPartition(kafka.topic, p) for p in partitions]
+            first = {tp.partition: o for tp, o in (await consumer.beginning_offsets(tps)).items()}
+            end = {tp.partition: o for tp, o in (await consumer.end_offsets(tps)).items()}
+            lags = {name: _partition_lags(rows, first, end) for name, rows in progress.items()}
+            wanted = {
+                (p.partition, p.next_offset) for ps in lags.values() for p in ps if p.lag_events
+            }
+            published = await _published_at(consumer, kafka.topic, wanted)
+    except KafkaError as exc:
+        raise ServiceUnavailableError(
+            "Kafka",
+            f"{kafka.bootstrap_servers} ({env_var('kafka', 'bootstrap_servers')})",
+            "Start the local stack with: ./dev up",
+        ) from exc
+    return {
+        name: [
+            p.model_copy(
+                update={"oldest_unapplied_at": published.get((p.partition, p.next_offset))}
+            )
+            if p.lag_events
+            else p
+            for p in ps
+        ]
+        for name, ps in lags.items()
+    }
+
+
+def _partition_lags(
+    rows: Sequence[PartitionProgress], first: Mapping[int, int], end: Mapping[int, int]
+) -> list[PartitionLag]:
+    """A partition without a progress row counts from its first offset still kept."""
+    done = {row.partition: row.next_offset for row in rows}
+    return [
+        PartitionLag(
+            partition=partition,
+            next_offset=max(done.get(partition, first[partition]), first[partition]),
+            end_offset=end[partition],
+        )
+        for partition in sorted(end)
+    ]
+
+
+async def _partitions(kafka: KafkaSettings) -> list[int]:
+    """The topic's partitions, or none if it does not exist (without creating it)."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=kafka.bootstrap_servers,
+        request_timeout_ms=int(kafka.request_timeout_s * 1000),
+    )
+    try:
+        await admin.start()
+        # Listing first: asking for a missing topic by name may auto-create it on some brokers.
+        if kafka.topic not in await admin.list_topics():
+            return []
+        described = await admin.describe_topics([kafka.topic])
+    finally:
+        await admin.close()
+    return sorted(int(p["partition"]) for topic in described for p in topic["partitions"])
+
+
+@asynccontextmanager
+async def _consumer(kafka: KafkaSettings) -> AsyncIterator[AIOKafkaConsumer]:
+    """A consumer outside any group: it reads offsets and records, and commits nothing."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=_FETCH_BYTES,
+        request_timeout_ms=int(kafka.request_timeout_s * 1000),
+    )
+    try:
+        await consumer.start()
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+async def _published_at(
+    consumer: AIOKafkaConsumer, topic: str, wanted: set[tuple[int, int]]
+) -> dict[tuple[int, int], datetime]:
+    """When the records at these (partition, offset) were published; unread ones are left out.
+
+    A consumer has one position per partition, so projections at different offsets of one
+    partition take a round each; projections of one daemon usually share their offsets.
+    """
+    offsets: dict[int, list[int]] = {}
+    for partition, offset in sorted(wanted):
+        offsets.setdefault(partition, []).append(offset)
+    found: dict[tuple[int, int], datetime] = {}
+    for round_ in range(max((len(o) for o in offsets.values()), default=0)):
+        targets = {p: o[round_] for p, o in offsets.items() if round_ < len(o)}
+        found.update(await _read_first_records(consumer, topic, targets))
+    return found
+
+
+async def _read_first_records(
+    consumer: AIOKafkaConsumer, topic: str, targets: Mapping[int, int]
+) -> dict[tuple[int, int], datetime]:
+    seeks = {TopicPartition(topic, p): offset for p, offset in targets.items()}
+    consumer.assign(list(seeks))
+    for tp, offset in seeks.items():
+        consumer.seek(tp, offset)
+    found: dict[tuple[int, int], datetime] = {}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _RECORD_WAIT_S
+    while len(found) < len(seeks) and (left := deadline - loop.time()) > 0:
+        batches = await consumer.getmany(timeout_ms=int(left * 1000))
+        for tp, records in batches.items():
+            key = (tp.partition, seeks[tp])
+            if records and key not in found:
+                # The first record at or after the offset (an earlier one may have been
+                # deleted): the oldest one not processed.
+                found[key] = datetime.fromtimestamp(records[0].timestamp / 1000, tz=UTC)
+                consumer.pause(tp)
+    return found
