@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.errors import (
     CommandIdReusedError,
@@ -46,6 +46,25 @@ class Command(BaseModel):
 
     command_id: UUID = Field(default_factory=uuid4)
     correlation_id: UUID | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # PostgreSQL text cannot hold NUL: refuse it here, naming the field,
+        # rather than fail deep inside the transaction.
+        if _has_nul(value):
+            raise ValueError("must not contain NUL (\\u0000) characters")
+        return value
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 class CommandResult(BaseModel):
@@ -142,6 +161,10 @@ class CommandBus:
             raise ConflictError("a concurrent command changed it first; retry") from exc
         except asyncpg.UndefinedTableError as exc:
             raise not_migrated(exc) from exc
+        except asyncpg.DataError as exc:
+            # A value the database refuses (out of range, bad encoding) that the
+            # command's validation let through: still the input's fault.
+            raise ValidationFailedError(type(command).__name__, str(exc)) from exc
         except CONNECTION_ERRORS as exc:
             raise unavailable(self._postgres) from exc
 

@@ -16,23 +16,29 @@ without internals.
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Any
 
+import asyncpg
+import redis.exceptions
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.errors import (
     CommandIdReusedError,
     ConfigurationError,
     ConflictError,
     EngineError,
+    InvalidInputError,
     NotFoundError,
     NotYetConsistentError,
     RuleViolationError,
     TransientError,
     ValidationFailedError,
 )
+from engine.postgres.pool import CONNECTION_ERRORS
 
 log = logging.getLogger("engine.api")
 
@@ -58,7 +64,8 @@ _STATUS: tuple[tuple[type[EngineError], int, str], ...] = (
     (NotYetConsistentError, 503, "not_yet_consistent"),
     (TransientError, 503, "service_unavailable"),
     (ConfigurationError, 503, "misconfigured"),
-    (EngineError, 400, "invalid_input"),
+    (InvalidInputError, 400, "invalid_input"),
+    (EngineError, 500, "internal_error"),  # a fault on our side, not the client's
 )
 
 
@@ -70,8 +77,8 @@ def engine_error_response(exc: EngineError) -> JSONResponse:
         "details": getattr(exc, "details", None),
         "projection": getattr(exc, "projection", None),
     }
-    if isinstance(exc, ConfigurationError):
-        log.error("configuration error while serving a request: %s", exc)
+    if code >= 500 and not isinstance(exc, TransientError):
+        log.error("%s while serving a request: %s", type(exc).__name__, exc)
     return _answer(code, error_body(name, str(exc), **extra), retry=code == 503)
 
 
@@ -97,9 +104,44 @@ async def _request_validation(_request: Request, exc: Exception) -> JSONResponse
     )
 
 
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (unknown route, wrong method, missing key) in the same shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    message = str(exc.detail)
+    if exc.status_code == 400 and "parsing the body" in message:
+        # A body that is not even text (bad encoding): the client's input, like bad JSON.
+        return _answer(422, error_body("validation_failed", message, field="body"))
+    name = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+    response = _answer(exc.status_code, error_body(name, message))
+    response.headers.update(exc.headers or {})
+    return response
+
+
 async def _engine_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, EngineError)
     return engine_error_response(exc)
+
+
+def _infrastructure(exc: Exception) -> JSONResponse | None:
+    """A store that is down or not set up yet: 503, whichever handler let it through."""
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        message = (
+            f"the read model is not set up yet ({exc}); start the projection daemon "
+            "(engine run) and run engine migrate"
+        )
+        return _answer(503, error_body("not_ready", message), retry=True)
+    if isinstance(exc, (*CONNECTION_ERRORS, redis.exceptions.ConnectionError)):
+        message = f"a store is not reachable: {type(exc).__name__}: {exc}"
+        return _answer(503, error_body("service_unavailable", message), retry=True)
+    return None
+
+
+async def _store_down(request: Request, exc: Exception) -> JSONResponse:
+    answer = _infrastructure(exc)
+    if answer is None:
+        return await _unexpected(request, exc)
+    log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return answer
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -109,5 +151,8 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(EngineError, _engine_error)
+    for kind in (asyncpg.UndefinedTableError, *CONNECTION_ERRORS, redis.exceptions.ConnectionError):
+        app.add_exception_handler(kind, _store_down)
     app.add_exception_handler(Exception, _unexpected)

@@ -22,7 +22,7 @@ def _matches(given: str | None, *keys: SecretStr | None) -> bool:
     return any(results)
 
 
-def require_writer(
+async def require_writer(
     request: Request, key: Annotated[str | None, Depends(_KEY_HEADER)] = None
 ) -> None:
     api = request.app.state.settings.api
@@ -33,7 +33,7 @@ def require_writer(
         )
 
 
-def require_reader(
+async def require_reader(
     request: Request, key: Annotated[str | None, Depends(_KEY_HEADER)] = None
 ) -> None:
     api = request.app.state.settings.api

@@ -16,7 +16,13 @@ from elasticsearch import AsyncElasticsearch
 from fastapi import APIRouter, Body, Depends, Path, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine import Command, ConsistencyToken, RedisHashReader, ServiceUnavailableError
+from engine import (
+    Command,
+    ConsistencyToken,
+    RedisHashReader,
+    ServiceUnavailableError,
+    validate_command,
+)
 from engine.api import READER, WRITER, ApiContext, api_context, consistency_token
 from projections.orders.commands import (
     Address,
@@ -115,7 +121,7 @@ C = TypeVar("C", bound=Command)
 
 def _order_command(kind: type[C], order_id: UUID, body: _Body) -> C:
     fields = body.model_dump(exclude_none=True)
-    return kind.model_validate({**fields, "order_id": order_id})
+    return validate_command(kind, {**fields, "order_id": order_id})
 
 
 def _queries(ctx: ApiContext) -> OrdersQueries:

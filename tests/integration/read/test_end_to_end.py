@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import asyncpg
 
-from engine import CommandBus, OutboxRelay, Resources, Settings
-from engine.daemon import build_runner
-from projections.orders import APP
+from engine import CommandBus, Resources, Settings
+from tests.integration.api.conftest import project
 from tests.integration.read.expected import assert_projections_match
 from tests.integration.read.scenario import populate
-
-
-async def _project(settings: Settings, resources: Resources) -> None:
-    await OutboxRelay(settings.postgres, settings.kafka, settings.relay).drain()
-    runner = build_runner(APP, resources)
-    await asyncio.wait_for(runner.run(asyncio.Event(), until_caught_up=True), timeout=90)
 
 
 async def test_every_store_matches_the_write_model(
     bus: CommandBus, pool: asyncpg.Pool, settings_for_test: Settings, resources: Resources
 ) -> None:
     await populate(bus, orders=40)
-    await _project(settings_for_test, resources)
+    await project(settings_for_test, resources)
     count = await assert_projections_match(
         settings_for_test, pool, resources.redis, resources.elasticsearch
     )
@@ -34,9 +25,9 @@ async def test_projections_follow_new_events_incrementally(
     bus: CommandBus, pool: asyncpg.Pool, settings_for_test: Settings, resources: Resources
 ) -> None:
     await populate(bus, orders=10, seed=1)
-    await _project(settings_for_test, resources)
+    await project(settings_for_test, resources)
     await populate(bus, orders=10, seed=2)
-    await _project(settings_for_test, resources)
+    await project(settings_for_test, resources)
     assert (
         await assert_projections_match(
             settings_for_test, pool, resources.redis, resources.elasticsearch
