@@ -15,6 +15,7 @@ from engine.commands import (
     validate_command,
 )
 from engine.consistency import ConsistencyGate, ConsistencyToken
+from engine.demo import DemoLoader, DemoProgress, DemoSize, DemoSummary
 from engine.errors import (
     CommandIdReusedError,
     ConfigurationError,
@@ -65,6 +66,7 @@ from engine.settings import (
     Settings,
     StackSettings,
 )
+from engine.status import EngineStatus, collect_status
 from engine.stores.elasticsearch import ElasticsearchDocumentStore
 from engine.stores.postgres import PostgresDocumentStore, PostgresSqlStore
 from engine.stores.redis import RedisHashReader, RedisHashStore
@@ -83,12 +85,17 @@ __all__ = [
     "Connection",
     "ConsistencyGate",
     "ConsistencyToken",
+    "DemoLoader",
+    "DemoProgress",
+    "DemoSize",
+    "DemoSummary",
     "Document",
     "DocumentProjection",
     "DomainEvent",
     "ElasticsearchDocumentStore",
     "ElasticsearchSettings",
     "EngineError",
+    "EngineStatus",
     "EventDecodeError",
     "EventEnvelope",
     "EventRegistry",
@@ -127,6 +134,7 @@ __all__ = [
     "UnitOfWork",
     "UnknownEventError",
     "ValidationFailedError",
+    "collect_status",
     "create_pool",
     "ensure_topic",
     "grant_read_access",

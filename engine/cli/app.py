@@ -70,11 +70,15 @@ def run_reporting_errors(action: Callable[[], T]) -> T:
 def main() -> None:
     """Console-script entry point."""
     from engine.cli import (  # noqa: F401 - registers the sub-commands
+        api,
+        demo,
         dlq,
         rebuild,
         run,
         smoke,
         stack,
+        status,
+        up,
         write,
     )
 

@@ -4,6 +4,7 @@ Built on the engine's public API only (``import engine``).
 """
 
 from engine import Application
+from projections.orders.api import build_router
 from projections.orders.commands import (
     Address,
     CancelOrder,
@@ -16,6 +17,7 @@ from projections.orders.commands import (
     RegisterProduct,
     ShipOrder,
 )
+from projections.orders.demo import load_orders_demo
 from projections.orders.events import registry
 from projections.orders.handlers import ORDER_HANDLERS
 from projections.orders.rules import InvalidTransitionError, OrderStatus
@@ -28,6 +30,8 @@ APP = Application(
     handlers=ORDER_HANDLERS,
     registry=registry,
     projections=build_projections,
+    demo=load_orders_demo,
+    api=build_router,
 )
 
 __all__ = [

@@ -58,6 +58,10 @@ from projections.orders.wiring import quick_lookup_prefix, search_alias
 Context = Annotated[ApiContext, Depends(api_context)]
 Token = Annotated[ConsistencyToken | None, Depends(consistency_token)]
 OrderId = Annotated[UUID, Path(description="The order's id.")]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description=f"At most {MAX_PAGE_SIZE}.")]
+Cursor = Annotated[
+    str | None, Query(max_length=200, description="next_cursor of the previous page.")
+]
 
 
 class CommandAccepted(BaseModel):
@@ -200,8 +204,6 @@ def _command_routes(router: APIRouter) -> None:
 
 
 def _query_routes(router: APIRouter) -> None:
-    limit_param = Query(ge=1, le=MAX_PAGE_SIZE, description=f"At most {MAX_PAGE_SIZE}.")
-    cursor_param = Query(max_length=200, description="next_cursor of the previous page.")
 
     @router.get("/orders/{order_id}")
     async def order_details(ctx: Context, order_id: OrderId, token: Token) -> OrderDetailsView:
@@ -218,8 +220,8 @@ def _query_routes(router: APIRouter) -> None:
         ctx: Context,
         customer_id: Annotated[UUID, Path()],
         token: Token,
-        cursor: Annotated[str | None, cursor_param] = None,
-        limit: Annotated[int, limit_param] = DEFAULT_PAGE_SIZE,
+        cursor: Cursor = None,
+        limit: Limit = DEFAULT_PAGE_SIZE,
     ) -> OrderSummaryPage:
         """A customer's orders, newest first, a page at a time."""
         return await _queries(ctx).customer_orders(
@@ -231,8 +233,8 @@ def _query_routes(router: APIRouter) -> None:
         ctx: Context,
         status: OrderStatus,
         token: Token,
-        cursor: Annotated[str | None, cursor_param] = None,
-        limit: Annotated[int, limit_param] = DEFAULT_PAGE_SIZE,
+        cursor: Cursor = None,
+        limit: Limit = DEFAULT_PAGE_SIZE,
     ) -> OrderSummaryPage:
         """Orders currently in a status, newest first."""
         return await _queries(ctx).orders_by_status(status, cursor=cursor, limit=limit, token=token)
