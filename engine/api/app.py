@@ -6,13 +6,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
-from engine.api.context import open_api_context
+from engine.api.context import ApiContext, open_api_context
+from engine.api.security import READER
 from engine.api.errors import install_error_handlers
 from engine.api.limits import BodyLimit
 from engine.application import Application
 from engine.settings import Settings
+from engine.status import EngineStatus, collect_status
 
 
 def _version() -> str:
@@ -46,6 +48,16 @@ def create_app(settings: Settings, application: Application) -> FastAPI:
     @app.get("/health", tags=["engine"], summary="Liveness: the API process answers")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get(
+        "/status",
+        tags=["engine"],
+        summary="Per projection: position, lag, dead letters, last error; the outbox",
+        dependencies=[READER],
+    )
+    async def status(request: Request) -> EngineStatus:
+        context: ApiContext = request.app.state.context
+        return await collect_status(settings, application, context.reads)
 
     if application.api is not None:
         app.include_router(application.api())

@@ -25,7 +25,6 @@ from urllib.parse import quote
 
 import typer
 from rich.console import Console
-from rich.panel import Panel
 
 from engine.cli.app import ExitCode, app, err_console, load_settings, run_reporting_errors
 from engine.cli.write import _migrate_and_grant
@@ -34,6 +33,7 @@ from engine.topics import ensure_topic
 
 # Started in this order, stopped in the reverse one.
 PARTS = ("relay", "run", "api")
+DEMO_WAIT_S = 300.0
 
 
 @dataclass
@@ -90,16 +90,16 @@ async def _wait_until_ok(
     return False
 
 
-async def _load_demo(args: list[str]) -> dict[str, Any]:
-    """Run ``engine demo --json`` (its progress bar shows on stderr); its summary."""
+async def _load_demo(args: list[str]) -> dict[str, str]:
+    """Run ``engine demo --json`` (its progress bar shows on stderr); its sample ids."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "engine", "demo", "--json", *args, stdout=asyncio.subprocess.PIPE
     )
     out, _ = await process.communicate()
     if process.returncode != 0:
         raise typer.Exit(process.returncode or ExitCode.FAILED)
-    summary: dict[str, Any] = json.loads(out)
-    return summary
+    samples: dict[str, str] = json.loads(out).get("samples", {})
+    return samples
 
 
 def example_queries(base: str, samples: dict[str, str]) -> list[tuple[str, str]]:
@@ -113,42 +113,56 @@ def example_queries(base: str, samples: dict[str, str]) -> list[tuple[str, str]]
     ]
 
 
-def _announce(settings: Settings, samples: dict[str, str] | None) -> None:
+def _announce(settings: Settings, samples: dict[str, str] | None, projected: bool) -> None:
     base = f"http://{settings.api.host}:{settings.api.port}"
-    lines = [
-        f"API        {base}",
-        f"API docs   {base}/docs",
-        "status     engine status",
-    ]
-    if samples:
-        lines.append("")
-        lines.append("Try (the demo data is projected):")
+    # Plain lines, never wrapped: the commands must paste as they are.
+    console = Console(soft_wrap=True, highlight=False)
+    console.print("[bold green]engine is up[/bold green]")
+    console.print(f"  API        {base}")
+    console.print(f"  API docs   {base}/docs")
+    console.print("  status     engine status   (or GET /status)")
+    if samples and projected:
+        console.print("\nTry these (the demo data is projected):")
         for title, command in example_queries(base, samples):
-            lines += [f"  # {title}", f"  {command}"]
-    lines += ["", "Ctrl-C stops everything."]
-    Console().print(Panel("\n".join(lines), title="engine is up", expand=False), highlight=False)
+            console.print(f"  # {title}\n  {command}")
+    elif samples:
+        console.print(
+            "\n[yellow]the projections have not applied the demo data yet[/yellow]: "
+            "see engine status"
+        )
+    console.print("\nCtrl-C stops everything.")
 
 
 async def _up(settings: Settings, log_level: str, demo_args: list[str] | None) -> int:
     await _migrate_and_grant(settings)
     await ensure_topic(settings.kafka)
-    stop = asyncio.Event()
+    stop, died, halt = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        stop.set()
+        halt.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     children: list[Child] = []
-    died = asyncio.Event()
     try:
         for part in PARTS:
             children.append(await _start(part, log_level))
-        watchers = [asyncio.create_task(_watch(child, died)) for child in children]
+        watchers = [asyncio.create_task(_watch(child, died, halt)) for child in children]
         base = f"http://{settings.api.host}:{settings.api.port}"
-        if not await _wait_until_ok(f"{base}/health", time.monotonic() + 60, died):
+        if not await _wait_until_ok(f"{base}/health", time.monotonic() + 60, halt):
+            if stop.is_set():
+                return ExitCode.OK
             err_console().print("[red]error:[/red] the API did not come up (see its log above)")
             return ExitCode.UNAVAILABLE
-        samples = await _demo(base, demo_args, died) if demo_args is not None else None
-        _announce(settings, samples)
-        await _first(stop, died)
+        samples, projected = None, False
+        if demo_args is not None:
+            samples = await _load_demo(demo_args)
+            projected = await _wait_for_demo(base, samples, halt)
+        if not halt.is_set():
+            _announce(settings, samples, projected)
+            await halt.wait()
         for watcher in watchers:
             watcher.cancel()
         return ExitCode.FAILED if died.is_set() and not stop.is_set() else ExitCode.OK
@@ -156,34 +170,28 @@ async def _up(settings: Settings, log_level: str, demo_args: list[str] | None) -
         await _stop(children, settings.runner.shutdown_timeout_s + 5)
 
 
-async def _demo(base: str, demo_args: list[str], died: asyncio.Event) -> dict[str, str]:
-    summary = await _load_demo(demo_args)
-    samples: dict[str, str] = summary.get("samples", {})
-    if samples.get("order_id"):
-        err_console().print("waiting for the projections to apply the demo data...")
-        deadline = time.monotonic() + 300
-        (detail, _), (quick, _), (search, _) = (
-            (url.split()[-1].strip("'"), title) for title, url in example_queries(base, samples)
-        )
-        await _wait_until_ok(detail, deadline, died)
-        await _wait_until_ok(quick, deadline, died)
-        await _wait_until_ok(search, deadline, died, lambda body: bool(body and body["total"]))
-    return samples
+async def _wait_for_demo(base: str, samples: dict[str, str], halt: asyncio.Event) -> bool:
+    """Wait (bounded) until the sample order answers in all three stores."""
+    if not samples.get("order_id"):
+        return False
+    err_console().print("waiting for the projections to apply the demo data...")
+    deadline = time.monotonic() + DEMO_WAIT_S
+    (detail, _), (quick, _), (search, _) = (
+        (url.split()[-1].strip("'"), title) for title, url in example_queries(base, samples)
+    )
+    return (
+        await _wait_until_ok(detail, deadline, halt)
+        and await _wait_until_ok(quick, deadline, halt)
+        and await _wait_until_ok(search, deadline, halt, lambda body: bool(body and body["total"]))
+    )
 
 
-async def _watch(child: Child, died: asyncio.Event) -> None:
+async def _watch(child: Child, died: asyncio.Event, halt: asyncio.Event) -> None:
     code = await child.process.wait()
-    err_console().print(f"[red]{child.name} exited with code {code}[/red]")
+    if not halt.is_set():
+        err_console().print(f"[red]{child.name} exited with code {code}[/red]: stopping")
     died.set()
-
-
-async def _first(*events: asyncio.Event) -> None:
-    waits = [asyncio.create_task(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
+    halt.set()
 
 
 @app.command()

@@ -21,7 +21,7 @@ from decimal import Decimal
 
 import asyncpg
 
-from engine.errors import ServiceUnavailableError, TransientError
+from engine.errors import ConfigurationError, ServiceUnavailableError, TransientError
 from engine.postgres.migrations import Migration
 from engine.postgres.pool import CONNECTION_ERRORS, Connection
 from engine.projection import Document, DocumentProjection, Projected, SqlProjection, fold
@@ -107,8 +107,7 @@ class PostgresDocumentStore:
         """Create this generation's table; create the readers' view if there is none yet."""
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(self._schema.format(table=self.table))
-            if await conn.fetchval("SELECT to_regclass($1)", self.view) is None:
-                await conn.execute(f"CREATE VIEW {self.view} AS SELECT * FROM {self.table}")
+            await ensure_view(conn, self.view, self.table)
 
     async def publish(self, conn: Connection) -> None:
         await conn.execute(f"DROP VIEW IF EXISTS {self.view}")
@@ -189,8 +188,7 @@ class PostgresSqlStore:
             if self._projection.schema:
                 await conn.execute(self._projection.schema.format(**self._tables))
             for view, table in self._tables.items():
-                if await conn.fetchval("SELECT to_regclass($1)", view) is None:
-                    await conn.execute(f"CREATE VIEW {view} AS SELECT * FROM {table}")
+                await ensure_view(conn, view, table)
 
     async def publish(self, conn: Connection) -> None:
         for view, table in self._tables.items():
@@ -244,3 +242,21 @@ class PostgresSqlStore:
 
     async def close(self) -> None:
         return None
+
+
+async def ensure_view(conn: Connection, view: str, table: str) -> None:
+    """Create the readers' view over ``table`` unless it exists.
+
+    A *table* under the view's name (left by a version before generations)
+    would silently shadow the projection: refuse it, saying how to fix it.
+    """
+    kind = await conn.fetchval(
+        "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)", view
+    )
+    if kind is None:
+        await conn.execute(f"CREATE VIEW {view} AS SELECT * FROM {table}")
+    elif kind != "v":
+        raise ConfigurationError(
+            f"{view!r} is a table, not the engine's view of {table!r} (left by an older "
+            f"version?): drop it (DROP TABLE {view}) and the daemon recreates the view"
+        )
