@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -14,6 +15,18 @@ from engine.application import Application, load_application
 from engine.cli.app import app, load_settings, run_reporting_errors
 from engine.cli.logs import configure
 from engine.settings import Settings
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, but a SIGTERM/SIGINT shutdown exits 0 like every other engine command.
+
+    uvicorn re-raises the signal it caught once it has shut down (so the process
+    dies "by" it); an orderly stop on request is a success for scripts here.
+    """
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
 
 
 async def _probe(settings: Settings, application: Application) -> None:
@@ -44,7 +57,7 @@ def api(
     # Open the connections once before serving, so a service that is down or a
     # missing read role fails here with its message and exit code.
     run_reporting_errors(lambda: asyncio.run(_probe(settings, application)))
-    server = uvicorn.Server(
+    server = _Server(
         uvicorn.Config(
             create_app(settings, application),
             host=host or settings.api.host,
