@@ -86,6 +86,13 @@ def test_engine_containers_reach_services_by_name(monkeypatch: pytest.MonkeyPatc
     assert inside.elasticsearch.host_port() == ("elasticsearch", 9200)
 
 
+def test_the_engine_container_runs_the_whole_engine_and_publishes_the_api() -> None:
+    engine = _compose()["services"]["engine"]
+    assert engine["command"][:2] == ["up", "--demo"]
+    assert Settings().api.port in _host_ports(engine)
+    assert _env_file(ROOT / "config" / "docker.env")["ENGINE_API__HOST"] == "0.0.0.0"
+
+
 def test_the_env_example_documents_every_setting_with_its_default() -> None:
     documented = _env_file(ROOT / "config" / "engine.env.example")
     example = (ROOT / "config" / "engine.env.example").read_text()
