@@ -9,9 +9,9 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI, Request
 
 from engine.api.context import ApiContext, open_api_context
-from engine.api.security import READER
 from engine.api.errors import install_error_handlers
 from engine.api.limits import BodyLimit
+from engine.api.security import READER
 from engine.application import Application
 from engine.settings import Settings
 from engine.status import EngineStatus, collect_status
