@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -237,3 +238,39 @@ async def test_the_query_side_role_cannot_write(
                 await reader.execute(statement)
     finally:
         await reader.close()
+
+
+async def test_a_store_that_is_down_is_a_503_naming_it_and_the_rest_still_answers(
+    settings_for_test: Settings, bus: CommandBus, resources: Resources
+) -> None:
+    _, (order,) = await _orders_of_one_customer(bus, 1)
+    await project(settings_for_test, resources)
+    closed = _closed_port()
+    down = settings_for_test.model_copy(
+        update={
+            "redis": settings_for_test.redis.model_copy(update={"port": closed}),
+            "elasticsearch": settings_for_test.elasticsearch.model_copy(
+                update={"url": f"http://127.0.0.1:{closed}", "request_timeout_s": 2}
+            ),
+        }
+    )
+    async with api_client(down) as api:
+        quick = await api.get(f"/orders/{order}/quick")
+        assert quick.status_code == 503
+        assert (quick.json()["error"], "Redis" in quick.json()["message"]) == (
+            "service_unavailable",
+            True,
+        )
+        search = await api.get("/search/orders", params={"text": "Grace"})
+        assert search.status_code == 503
+        assert "Elasticsearch" in search.json()["message"]
+        assert search.headers["Retry-After"]
+        # Postgres is up: its views still answer.
+        assert (await _get(api, f"/orders/{order}"))["order_id"] == order
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port  # closed again: nothing listens there

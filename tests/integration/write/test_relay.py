@@ -8,9 +8,20 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from engine import CommandBus, ConflictError, OutboxRelay, RelaySettings, Settings
+from engine import (
+    CommandBus,
+    ConfigurationError,
+    ConflictError,
+    ConsistencyToken,
+    OutboxRelay,
+    RelaySettings,
+    Settings,
+    ensure_topic,
+    partition_for,
+)
 from engine.postgres import outbox
 from projections.orders import CancelOrder, ConfirmOrder
 from tests.helpers import (
@@ -227,3 +238,47 @@ async def test_the_topic_is_created_with_the_configured_partitions(
         await admin.close()
     partitions = {p["partition"] for p in described["partitions"]}
     assert partitions == set(range(settings_for_test.kafka.partitions))
+
+
+async def test_each_event_goes_to_the_partition_its_consistency_token_names(
+    bus: CommandBus, settings_for_test: Settings
+) -> None:
+    customer = await new_customer(bus)
+    product = await new_product(bus)
+    results = [await new_order(bus, customer, [(product, 1)]) for _ in range(12)]
+    await _relay(settings_for_test).drain()
+    kafka = settings_for_test.kafka
+    consumer = AIOKafkaConsumer(
+        kafka.topic, bootstrap_servers=kafka.bootstrap_servers, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    seen: dict[int, int] = {}  # position -> partition
+    try:
+        while len(seen) < 14:
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                for record in records:
+                    seen[int(dict(record.headers)["position"])] = record.partition
+    finally:
+        await consumer.stop()
+    for result in results:
+        token = ConsistencyToken.of(result, kafka.partitions)
+        assert token is not None
+        assert (
+            seen[token.position]
+            == token.partition
+            == partition_for(result.aggregate_id, kafka.partitions)
+        )
+    assert len(set(seen.values())) > 1  # spread over partitions, not all on one
+
+
+async def test_a_topic_with_another_partition_count_is_refused(
+    bus: CommandBus, settings_for_test: Settings
+) -> None:
+    await new_customer(bus)
+    await ensure_topic(settings_for_test.kafka)  # 3 partitions
+    wrong = settings_for_test.kafka.model_copy(update={"partitions": 5})
+    relay = OutboxRelay(settings_for_test.postgres, wrong, RelaySettings())
+    with pytest.raises(ConfigurationError) as caught:
+        await relay.drain()
+    assert "ENGINE_KAFKA__PARTITIONS" in str(caught.value)
+    assert "3 partitions" in str(caught.value)
