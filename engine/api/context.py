@@ -15,7 +15,7 @@ from fastapi import Header, Query, Request
 from engine.application import Application
 from engine.commands import CommandBus, CommandResult
 from engine.consistency import ConsistencyGate, ConsistencyToken
-from engine.errors import ConfigurationError
+from engine.errors import ConfigurationError, ValidationFailedError
 from engine.postgres.pool import create_pool
 from engine.resources import Resources
 from engine.settings import Settings, env_var
@@ -94,6 +94,7 @@ def api_context(request: Request) -> ApiContext:
 
 
 def consistency_token(
+    request: Request,
     consistency_token: Annotated[
         str | None,
         Query(
@@ -108,4 +109,13 @@ def consistency_token(
 ) -> ConsistencyToken | None:
     """FastAPI dependency: the token from the query string or the header, parsed."""
     text = consistency_token or x_consistency_token
-    return ConsistencyToken.parse(text) if text else None
+    if not text:
+        return None
+    token = ConsistencyToken.parse(text)
+    partitions: int = request.app.state.settings.kafka.partitions
+    if token.partition >= partitions:
+        # Not one we issued: waiting for it would only end in a timeout.
+        raise ValidationFailedError(
+            "consistency_token", f"names partition {token.partition} of {partitions}"
+        )
+    return token

@@ -208,6 +208,10 @@ async def test_a_malformed_path_id_is_422(api: httpx.AsyncClient) -> None:
         ("GET", "/stats/orders?date_from=2026-13-01&date_to=2026-01-01", None),
         ("GET", "/search/orders?size=1000", None),
         ("GET", "/search/orders?min_total=-5", None),
+        ("GET", f"/orders/{uuid.uuid4()}?consistency_token=999.5", None),
+        ("GET", f"/orders/{uuid.uuid4()}?consistency_token=1.99999999999999999999", None),
+        ("GET", "/search/orders?page=100000000000000000000", None),
+        ("GET", "/customers/" + str(uuid.uuid4()) + "/orders?limit=0", None),
     ],
 )
 async def test_nothing_a_client_sends_is_a_500(
