@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from elasticsearch import AsyncElasticsearch
 
 from engine.postgres.pool import create_pool
-from engine.settings import Settings
+from engine.settings import PostgresSettings, Settings
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,11 @@ class Resources:
 
 
 @asynccontextmanager
-async def open_resources(settings: Settings) -> AsyncIterator[Resources]:
-    pool = await create_pool(settings.postgres)
+async def open_resources(
+    settings: Settings, postgres: PostgresSettings | None = None
+) -> AsyncIterator[Resources]:
+    """Connections to every store; Postgres as ``postgres`` (default: the write side's)."""
+    pool = await create_pool(postgres or settings.postgres)
     redis_client = aioredis.Redis(
         host=settings.redis.host,
         port=settings.redis.port,

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated
 
 import asyncpg
-import redis.asyncio as aioredis
-from elasticsearch import AsyncElasticsearch
 from fastapi import Header, Query, Request
 
 from engine.application import Application
@@ -17,7 +15,7 @@ from engine.commands import CommandBus, CommandResult
 from engine.consistency import ConsistencyGate, ConsistencyToken
 from engine.errors import ConfigurationError, ValidationFailedError
 from engine.postgres.pool import create_pool
-from engine.resources import Resources
+from engine.resources import Resources, open_resources
 from engine.settings import Settings, env_var
 
 
@@ -43,48 +41,37 @@ async def open_api_context(
 ) -> AsyncIterator[ApiContext]:
     write_pool = await create_pool(settings.postgres)
     try:
-        read_pool = await _read_pool(settings)
-        redis_client = aioredis.Redis(
-            host=settings.redis.host,
-            port=settings.redis.port,
-            db=settings.redis.db,
-            socket_connect_timeout=5,
-            socket_timeout=10,
-            decode_responses=True,
-        )
-        es = AsyncElasticsearch(
-            settings.elasticsearch.url, request_timeout=settings.elasticsearch.request_timeout_s
-        )
-        try:
+        async with _open_reads(settings) as reads:
             yield ApiContext(
                 settings=settings,
                 application=application,
                 bus=CommandBus(write_pool, application.handlers, settings.postgres),
-                reads=Resources(
-                    settings=settings, pool=read_pool, redis=redis_client, elasticsearch=es
-                ),
+                reads=reads,
                 gate=ConsistencyGate(
-                    read_pool, settings.kafka.topic, settings.api.consistency_timeout_s
+                    reads.pool, settings.kafka.topic, settings.api.consistency_timeout_s
                 ),
             )
-        finally:
-            await es.close()
-            await redis_client.aclose()
-            await read_pool.close()
     finally:
         await write_pool.close()
 
 
-async def _read_pool(settings: Settings) -> asyncpg.Pool:
+@asynccontextmanager
+async def _open_reads(settings: Settings) -> AsyncIterator[Resources]:
+    """The stores as the query side sees them: Postgres through the read-only role."""
     read = settings.read.resolve(settings.postgres)
-    try:
-        return await create_pool(read)
-    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
-        raise ConfigurationError(
-            f"the read-only role {read.user!r} cannot log in ({exc}); create it with "
-            f"'engine migrate', or set {env_var('read', 'user')} and "
-            f"{env_var('read', 'password')}"
-        ) from exc
+    async with AsyncExitStack() as stack:
+        try:
+            reads = await stack.enter_async_context(open_resources(settings, read))
+        except (
+            asyncpg.InvalidPasswordError,
+            asyncpg.InvalidAuthorizationSpecificationError,
+        ) as exc:
+            raise ConfigurationError(
+                f"the read-only role {read.user!r} cannot log in ({exc}); create it with "
+                f"'engine migrate', or set {env_var('read', 'user')} and "
+                f"{env_var('read', 'password')}"
+            ) from exc
+        yield reads
 
 
 def api_context(request: Request) -> ApiContext:
