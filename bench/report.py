@@ -1,0 +1,326 @@
+"""The results folder: JSON with every figure, a markdown table, a chart of lag over time.
+
+``targets`` and ``render_markdown`` are pure (unit-tested); ``write_results``
+does the writing. The chart needs matplotlib (``pip install -e '.[bench]'``);
+without it the run still writes the JSON and the markdown, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# The issue's targets: report where we stand, never tune to them.
+CEILING_SHARE = 0.7
+BASELINE_FACTOR = 20.0
+LAG_P99_MS = 1000.0
+LAG_P50_MS = 200.0
+RSS_MB = 300.0
+
+
+def fmt(value: Any, digits: int = 0) -> str:
+    """A figure for a table: thousands separated, ``-`` when missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; cells are ``fmt``-ed already or plain text."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _target(name: str, wanted: str, measured: float | None, met: bool | None) -> dict[str, Any]:
+    return {"target": name, "wanted": wanted, "measured": measured, "met": met}
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each of the issue's targets the run measured: wanted, measured, met."""
+    benches = results.get("benchmarks", {})
+    found: list[dict[str, Any]] = []
+    if "throughput" in benches:
+        ratios = benches["throughput"]["ratios"]
+        share, factor = ratios["engine_over_ceiling"], ratios["engine_over_baseline"]
+        found.append(
+            _target(
+                "throughput / slowest store's ceiling",
+                f">= {CEILING_SHARE}",
+                share,
+                None if share is None else share >= CEILING_SHARE,
+            )
+        )
+        found.append(
+            _target(
+                "throughput / naive baseline",
+                f">= {BASELINE_FACTOR:g}x",
+                factor,
+                None if factor is None else factor >= BASELINE_FACTOR,
+            )
+        )
+    if "lag" in benches:
+        lag = benches["lag"]
+        for store, figures in lag["lag_ms"].items():
+            at = f"at {lag['rate']:g} commands/s"
+            found.append(
+                _target(
+                    f"lag p99, {store}",
+                    f"< {LAG_P99_MS:g} ms {at}",
+                    figures["p99"],
+                    figures["p99"] < LAG_P99_MS,
+                )
+            )
+            found.append(
+                _target(
+                    f"lag p50, {store}",
+                    f"< {LAG_P50_MS:g} ms {at}",
+                    figures["p50"],
+                    figures["p50"] < LAG_P50_MS,
+                )
+            )
+    peaks = daemon_peaks(results)
+    if peaks:
+        worst = max(peaks.values())
+        found.append(_target("daemon peak RSS (MB)", f"< {RSS_MB:g} MB", worst, worst < RSS_MB))
+    return found
+
+
+def daemon_peaks(results: dict[str, Any]) -> dict[str, float]:
+    """The daemon's peak RSS (MB) in each run that ran one."""
+    benches = results.get("benchmarks", {})
+    peaks: dict[str, float] = {}
+    if "throughput" in benches:
+        peaks["throughput"] = benches["throughput"]["engine"]["daemon_peak_rss_mb"]
+    for name in ("lag", "queries"):
+        if name in benches:
+            peaks[name] = benches[name]["daemon_peak_rss_mb"]
+    return peaks
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The whole report as markdown: machine, targets, then one section per benchmark."""
+    machine = results.get("machine", {})
+    parts = [
+        f"# Benchmark results, {results.get('started_at', '?')}",
+        f"Machine: {machine.get('cpu_count', '?')} CPUs, Python {machine.get('python', '?')}, "
+        f"load average at start {machine.get('load_start', '?')}, at end "
+        f"{machine.get('load_end', '?')}. Total time {fmt(results.get('duration_s'), 0)} s.",
+    ]
+    parts += [f"- {note}" for note in results.get("notes", [])]
+    rows = [
+        [t["target"], t["wanted"], fmt(t["measured"], 2), fmt(t["met"])] for t in targets(results)
+    ]
+    parts += ["## Targets", table(["target", "wanted", "measured", "met"], rows)]
+    benches = results.get("benchmarks", {})
+    for name, render in _SECTIONS:
+        if name in benches:
+            parts.append(render(benches[name]))
+    peaks = daemon_peaks(results)
+    if peaks:
+        parts += [
+            "## 6. Peak memory of the daemon (RSS)",
+            table(["run", "peak RSS (MB)"], [[run, fmt(mb, 1)] for run, mb in peaks.items()]),
+        ]
+    return "\n\n".join(parts) + "\n"
+
+
+def _throughput(result: dict[str, Any]) -> str:
+    engine, ceiling, baseline = result["engine"], result["ceiling"], result["baseline"]
+    rows = [
+        ["engine (all 5 projections, 3 stores)", fmt(engine["events_per_s"])],
+        ["ceiling: Kafka consume (aiokafka)", fmt(ceiling["kafka_consume_per_s"])],
+        ["ceiling: Postgres (COPY + multi-row upsert)", fmt(ceiling["postgres_per_s"])],
+        ["ceiling: Redis (pipeline)", fmt(ceiling["redis_per_s"])],
+        ["ceiling: Elasticsearch (_bulk)", fmt(ceiling["elasticsearch_per_s"])],
+        ["ceiling: the 3 stores one after the other", fmt(ceiling["all_stores_in_sequence_per_s"])],
+        ["(decoding alone, Python CPU)", fmt(ceiling["decode_per_s"])],
+        ["naive baseline (one write per event per store)", fmt(baseline["events_per_s"])],
+    ]
+    ratios = result["ratios"]
+    profile = engine.get("profile", {}).get("tree_top")
+    extra = (
+        [
+            "Profile of the daemon during this run (pyinstrument call tree; the profiler "
+            "slows it down):",
+            "```\n" + "\n".join(profile) + "\n```",
+        ]
+        if profile
+        else []
+    )
+    return "\n\n".join(
+        [
+            f"## 1. Projection throughput ({result['events']:,} events, "
+            f"{result['orders']:,} orders)",
+            table(["what", "events/s"], rows),
+            f"engine / slowest ceiling ({ceiling['slowest']}) = "
+            f"{fmt(ratios['engine_over_ceiling'], 2)}; engine / naive baseline = "
+            f"{fmt(ratios['engine_over_baseline'], 1)}x; engine start-up "
+            f"{fmt(engine['startup_s'], 1)} s; stores verified: "
+            f"{fmt(engine['verified']['ok'])}.",
+            *extra,
+        ]
+    )
+
+
+def _latency_rows(figures: dict[str, dict[str, Any]]) -> list[list[str]]:
+    return [
+        [name, *(fmt(f[k], 1) for k in ("p50", "p95", "p99", "max")), fmt(f["not_visible"])]
+        for name, f in figures.items()
+    ]
+
+
+def _lag(result: dict[str, Any]) -> str:
+    commands = result["commands"]
+    headers = ["", "p50 ms", "p95 ms", "p99 ms", "max ms", "not visible"]
+    return "\n\n".join(
+        [
+            f"## 2. End-to-end lag ({result['rate']:g} commands/s for {result['duration_s']:g} s)",
+            f"Sent {commands['sent']:,} commands, achieved {fmt(commands['achieved_per_s'])}/s "
+            f"(skipped at the in-flight cap: {commands['skipped_over_in_flight_cap']}); "
+            f"command latency p50 {fmt(commands['latency_ms']['p50'], 1)} ms, p99 "
+            f"{fmt(commands['latency_ms']['p99'], 1)} ms. Lag from {result['lag_from']}.",
+            table(headers, _latency_rows(result["lag_ms"])),
+            "Applied (from engine_partition_progress), per projection:",
+            table(headers, _latency_rows(result["applied_lag_ms"])),
+        ]
+    )
+
+
+def _relay(result: dict[str, Any]) -> str:
+    rows = []
+    for case, figures in result.items():
+        steady = figures["steady"]
+        rows.append(
+            [
+                case.removeprefix("relays_"),
+                fmt(figures["backlog"]["events_per_s"]),
+                fmt(steady["committed_per_s"]),
+                *(fmt(steady["latency_ms"][k], 1) for k in ("p50", "p99", "max")),
+                ", ".join(fmt(n) for n in figures["published_by_process"]),
+            ]
+        )
+    headers = [
+        "relays",
+        "backlog events/s",
+        "steady commits/s",
+        "commit->ack p50 ms",
+        "p99 ms",
+        "max ms",
+        "published by each",
+    ]
+    return "\n\n".join(["## 3. Outbox relay", table(headers, rows)])
+
+
+def _queries(result: dict[str, Any]) -> str:
+    rows = []
+    for name, sides in result["queries"].items():
+        api, raw = sides["api"], sides["raw"]
+        rows.append(
+            [
+                name,
+                fmt(api["requests_per_s"]),
+                fmt(api["p50"], 2),
+                fmt(api["p99"], 2),
+                fmt(raw["requests_per_s"]),
+                fmt(raw["p50"], 2),
+                fmt(raw["p99"], 2),
+            ]
+        )
+    headers = ["query", "API req/s", "API p50 ms", "API p99 ms", "raw req/s", "raw p50", "raw p99"]
+    return "\n\n".join(
+        [
+            f"## 4. Queries ({result['concurrency']} concurrent clients, "
+            f"{result['orders']:,} orders)",
+            table(headers, rows),
+        ]
+    )
+
+
+def _rebuild(result: dict[str, Any]) -> str:
+    rows = [
+        [name, fmt(f["seconds"], 1), fmt(f["replayed"]), fmt(f["replayed_per_s"])]
+        for name, f in result["projections"].items()
+    ]
+    return "\n\n".join(
+        [
+            f"## 5. Rebuild from {result['events']:,} events in the log",
+            table(["projection", "seconds", "events replayed", "replayed/s"], rows),
+        ]
+    )
+
+
+_SECTIONS = (
+    ("throughput", _throughput),
+    ("lag", _lag),
+    ("relay", _relay),
+    ("queries", _queries),
+    ("rebuild", _rebuild),
+)
+
+
+def write_results(folder: Path, results: dict[str, Any]) -> list[Path]:
+    """results.json, results.md and (with matplotlib) lag.png in ``folder``; the files written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    results["targets"] = targets(results)
+    written = [folder / "results.json", folder / "results.md"]
+    written[0].write_text(json.dumps(results, indent=2, default=str) + "\n")
+    written[1].write_text(render_markdown(results))
+    chart = write_chart(folder / "lag.png", results)
+    return [*written, chart] if chart else written
+
+
+def write_chart(path: Path, results: dict[str, Any]) -> Path | None:
+    """Lag over time per store (p50 and p99 per second), and the throughput run's progress."""
+    benches = results.get("benchmarks", {})
+    panels = [name for name in ("lag", "throughput") if name in benches]
+    try:
+        import matplotlib  # noqa: PLC0415 - optional dependency
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        results.setdefault("notes", []).append("no chart: matplotlib is not installed")
+        return None
+    if not panels:
+        return None
+    figure, axes = plt.subplots(len(panels), 1, figsize=(10, 4.2 * len(panels)), squeeze=False)
+    for axis, name in zip(axes[:, 0], panels, strict=True):
+        if name == "lag":
+            _lag_panel(axis, benches["lag"])
+        else:
+            _throughput_panel(axis, benches["throughput"])
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _lag_panel(axis: Any, lag: dict[str, Any]) -> None:
+    for store, points in lag["lag_over_time"].items():
+        times = [p["t"] for p in points]
+        (line,) = axis.plot(times, [p["p50_ms"] for p in points], label=f"{store} p50")
+        axis.plot(
+            times, [p["p99_ms"] for p in points], "--", color=line.get_color(), label=f"{store} p99"
+        )
+    axis.axhline(LAG_P99_MS, color="grey", linewidth=0.8)
+    axis.set_title(f"Commit-to-visible lag at {lag['rate']:g} commands/s (per 1 s window)")
+    axis.set_xlabel("seconds since the first command")
+    axis.set_ylabel("lag (ms)")
+    axis.legend(fontsize=8, ncol=3)
+
+
+def _throughput_panel(axis: Any, throughput: dict[str, Any]) -> None:
+    samples = throughput["engine"]["applied_over_time"]
+    axis.plot([s[0] for s in samples], [s[1] for s in samples])
+    axis.set_title(
+        f"Throughput run: events applied by every projection ({throughput['events']:,} events)"
+    )
+    axis.set_xlabel("seconds since the daemon started")
+    axis.set_ylabel("events applied (slowest projection)")
