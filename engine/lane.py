@@ -18,11 +18,13 @@ finished; the runner commits, per partition, the minimum over all lanes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -49,7 +51,12 @@ class Delivery:
     item: Projected | None
 
 
-Batch = list[Delivery]
+class Batch(list[Delivery]):
+    """The deliveries of one poll, shared by every lane (so computed once, not per lane)."""
+
+    @functools.cached_property
+    def progress(self) -> list[PartitionProgress]:
+        return progress_of(self)
 
 
 def dead_letter(
@@ -148,7 +155,7 @@ class Lane:
                 self.next_offset[delivery.tp] = done
         # Events this projection does not handle count as done too: a reader
         # waiting for one of them must not wait for ever.
-        await _best_effort(self._checkpoints.advance(self.name, progress_of(batch), changed))
+        await _best_effort(self._checkpoints.advance(self.name, batch.progress, changed))
 
     async def _apply(self, deliveries: list[Delivery]) -> int:
         """Apply ``deliveries``; the number of changes the store made."""
@@ -247,26 +254,23 @@ class Lane:
         self.applied += changed
 
 
-def progress_of(batch: Batch) -> list[PartitionProgress]:
+def progress_of(batch: Sequence[Delivery]) -> list[PartitionProgress]:
     """Per partition of ``batch``: the next offset and the highest position and time seen."""
-    progress: dict[TopicPartition, PartitionProgress] = {}
+    # (next offset, position, event time) per partition, as plain values: this runs
+    # once per batch over every delivery, so it creates no object per delivery.
+    seen: dict[TopicPartition, tuple[int, int, datetime | None]] = {}
     for delivery in batch:
-        seen = progress.get(delivery.tp)
-        envelope = delivery.item.envelope if delivery.item else None
-        position = envelope.position if envelope else 0
-        event_at = envelope.occurred_at if envelope else None
-        if seen is not None:
-            position = max(position, seen.position)
-            if seen.event_at is not None and (event_at is None or seen.event_at > event_at):
-                event_at = seen.event_at
-        progress[delivery.tp] = PartitionProgress(
-            topic=delivery.tp.topic,
-            partition=delivery.tp.partition,
-            next_offset=max(delivery.offset + 1, seen.next_offset if seen else 0),
-            position=position,
-            event_at=event_at,
-        )
-    return list(progress.values())
+        offset, position, event_at = seen.get(delivery.tp, (0, 0, None))
+        if delivery.item is not None:
+            envelope = delivery.item.envelope
+            position = max(position, envelope.position)
+            if event_at is None or envelope.occurred_at > event_at:
+                event_at = envelope.occurred_at
+        seen[delivery.tp] = (max(offset, delivery.offset + 1), position, event_at)
+    return [
+        PartitionProgress(tp.topic, tp.partition, offset, position, event_at)
+        for tp, (offset, position, event_at) in seen.items()
+    ]
 
 
 async def _best_effort(step: Any) -> None:

@@ -124,7 +124,7 @@ class ProjectionRunner:
     # -- decoding and dispatch --------------------------------------------------------
 
     async def _decode(self, records: Records, *, record_poison: bool) -> Batch:
-        batch: Batch = []
+        batch = Batch()
         poison: list[NewDeadLetter] = []
         for tp, messages in records.items():
             for message in messages:

@@ -114,6 +114,9 @@ class ElasticsearchSettings(_Section):
     url: str = "http://127.0.0.1:19200"
     index_prefix: str = "engine"
     request_timeout_s: float = Field(default=30.0, gt=0)
+    # How soon a write becomes searchable (the index's refresh_interval). Shorter
+    # lowers search lag and costs Elasticsearch more work per second of ingest.
+    refresh_interval: str = Field(default="1s", pattern=r"^(-1|\d+(ms|s|m))$")
 
     def host_port(self) -> tuple[str, int]:
         parts = urlsplit(self.url)

@@ -48,6 +48,16 @@ return conflicts
 """
 
 
+# KEYS: the hashes. Returns each one's flat field/value list (empty when missing).
+_READ_MANY_SCRIPT = """
+local hashes = {}
+for k = 1, #KEYS do
+  hashes[k] = redis.call('HGETALL', KEYS[k])
+end
+return hashes
+"""
+
+
 def to_field(value: Any) -> str:
     """How a document value is stored in a hash field."""
     if isinstance(value, datetime):
@@ -86,6 +96,7 @@ class RedisHashStore:
         self.generation = generation
         self.key_prefix = generation_prefix(base_prefix, generation)
         self._script = client.register_script(_CAS_SCRIPT)
+        self._read_script = client.register_script(_READ_MANY_SCRIPT)
 
     def at_generation(self, generation: int) -> RedisHashStore:
         return RedisHashStore(self._client, self._projection, self.base_prefix, generation)
@@ -118,14 +129,14 @@ class RedisHashStore:
         return await fold_and_write(self._projection, items, self._read, self._write)
 
     async def _read(self, ids: Sequence[str]) -> dict[str, tuple[Document | None, int]]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for aggregate_id in ids:
-                pipe.hgetall(self.key_prefix + aggregate_id)
-            hashes = await pipe.execute()
+        # One script call for the whole batch: a pipeline of HGETALLs costs the
+        # client a command to pack and a reply to parse per key, which profiled
+        # as the daemon's largest CPU cost.
+        hashes = await self._read_script(keys=[self.key_prefix + i for i in ids])
         current: dict[str, tuple[Document | None, int]] = {}
-        for aggregate_id, raw in zip(ids, hashes, strict=True):
-            if raw:
-                doc = {_text(k): _text(v) for k, v in raw.items()}
+        for aggregate_id, flat in zip(ids, hashes, strict=True):
+            if flat:
+                doc = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
                 current[aggregate_id] = (doc, int(doc.pop(VERSION_FIELD, "0")))
         return current
 

@@ -54,7 +54,15 @@ def build_projections(resources: Resources) -> Sequence[tuple[Projection, Projec
         (
             search,
             ElasticsearchDocumentStore(
-                resources.elasticsearch, search, search_alias(resources), OrderSearch.MAPPINGS
+                resources.elasticsearch,
+                search,
+                search_alias(resources),
+                OrderSearch.MAPPINGS,
+                settings={
+                    "number_of_shards": 1,
+                    "number_of_replicas": 0,
+                    "refresh_interval": resources.settings.elasticsearch.refresh_interval,
+                },
             ),
         ),
     ]
