@@ -185,7 +185,12 @@ class OutboxRelay:
         failed = [o for o in outcomes if isinstance(o, BaseException)]
         if failed:
             raise failed[0]
-        await asyncio.shield(outbox.mark_published(conn, [e.position for e in events]))
+        published = [
+            outbox.Published(e.position, meta.partition, meta.offset)
+            for e, meta in zip(events, outcomes, strict=True)
+            if not isinstance(meta, BaseException)
+        ]
+        await asyncio.shield(outbox.mark_published(conn, published))
         self.stats.published += len(events)
         self.stats.batches += 1
         return len(events)

@@ -79,6 +79,23 @@ OUTBOX_MIGRATIONS = (
         );
         """,
     ),
+    # Where each event landed in Kafka, recorded by the relay with the ack: the
+    # consistency gate compares it with a projection's next offset, which is
+    # exact whatever order positions committed in (see engine.consistency).
+    # When published rows are purged, the highest offset purged per partition
+    # is kept, so a token older than the retention is still checked exactly.
+    Migration(
+        "engine-0006-outbox-offsets",
+        """
+        ALTER TABLE engine_outbox
+            ADD COLUMN kafka_partition integer,
+            ADD COLUMN kafka_offset bigint;
+        CREATE TABLE engine_outbox_purged (
+            partition  integer PRIMARY KEY,
+            max_offset bigint NOT NULL
+        );
+        """,
+    ),
 )
 
 _COLUMNS = (
@@ -149,20 +166,56 @@ async def fetch_pending(conn: Connection, limit: int) -> list[EventEnvelope]:
     return [_envelope(row) for row in rows]
 
 
-async def mark_published(conn: Connection, positions: Sequence[int]) -> None:
+@dataclass(frozen=True)
+class Published:
+    """Kafka acknowledged event ``position`` at ``offset`` of ``partition``."""
+
+    position: int
+    partition: int
+    offset: int
+
+
+async def mark_published(conn: Connection, published: Sequence[Published]) -> None:
+    """Mark rows published, recording where each landed (the consistency gate reads it)."""
     await conn.execute(
-        "UPDATE engine_outbox SET published_at = now() WHERE position = ANY($1::bigint[])",
-        list(positions),
+        """
+        UPDATE engine_outbox o SET published_at = now(), kafka_partition = p.partition,
+            kafka_offset = p.kafka_offset
+        FROM unnest($1::bigint[], $2::int[], $3::bigint[]) AS p(position, partition, kafka_offset)
+        WHERE o.position = p.position
+        """,
+        [p.position for p in published],
+        [p.partition for p in published],
+        [p.offset for p in published],
     )
 
 
 async def purge_published(conn: Connection, retention_hours: float) -> int:
-    """Delete outbox rows published longer ago than the retention; the log keeps the events."""
-    status = await conn.execute(
-        "DELETE FROM engine_outbox WHERE published_at < now() - make_interval(secs => $1)",
+    """Delete outbox rows published longer ago than the retention; the log keeps the events.
+
+    The highest offset deleted per partition is kept in ``engine_outbox_purged``:
+    a consistency token of a purged event is checked against it, which is
+    exact (that event's offset is at or below it) and at worst waits for a
+    few later events of the same partition.
+    """
+    count = await conn.fetchval(
+        """
+        WITH gone AS (
+            DELETE FROM engine_outbox
+            WHERE published_at < now() - make_interval(secs => $1)
+            RETURNING kafka_partition, kafka_offset
+        ), kept AS (
+            INSERT INTO engine_outbox_purged (partition, max_offset)
+            SELECT kafka_partition, max(kafka_offset) FROM gone
+            WHERE kafka_partition IS NOT NULL GROUP BY kafka_partition
+            ON CONFLICT (partition) DO UPDATE
+                SET max_offset = GREATEST(engine_outbox_purged.max_offset, EXCLUDED.max_offset)
+        )
+        SELECT count(*) FROM gone
+        """,
         retention_hours * 3600.0,
     )
-    return int(status.split()[-1])
+    return int(count)
 
 
 async def pending_count(conn: Connection) -> int:
