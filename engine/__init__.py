@@ -34,6 +34,7 @@ from engine.errors import (
     TransientError,
     UnknownEventError,
     ValidationFailedError,
+    WriteNotAppliedError,
 )
 from engine.events import DomainEvent, EventEnvelope
 from engine.partitioning import partition_for
@@ -134,6 +135,7 @@ __all__ = [
     "UnitOfWork",
     "UnknownEventError",
     "ValidationFailedError",
+    "WriteNotAppliedError",
     "collect_status",
     "create_pool",
     "ensure_topic",

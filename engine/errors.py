@@ -5,12 +5,14 @@
     EngineError                      root: catch this to catch everything of ours
     ├── TransientError               retry it (with backoff): the store or broker is down or slow
     │   ├── ServiceUnavailableError  a service cannot be reached at all
-    │   └── ConflictError            someone else changed the aggregate first: reload and retry
+    │   ├── ConflictError            someone else changed the aggregate first: reload and retry
+    │   └── NotYetConsistentError    a projection has not applied a token's write yet
     ├── InvalidInputError            fix the input: the request itself is wrong
     │   ├── ValidationFailedError    a field is malformed (names the field)
     │   ├── NotFoundError            the aggregate named does not exist
     │   ├── RuleViolationError       a business rule forbids it (e.g. an invalid transition)
     │   └── CommandIdReusedError     a command id was sent again with different content
+    ├── WriteNotAppliedError         an operator must act: a projection dead-lettered the write
     ├── PoisonError                  dead-letter it: this event will never apply
     │   ├── UnknownEventError        no model is registered for the event's type and version
     │   └── EventDecodeError         the bytes or the payload do not decode
@@ -70,6 +72,25 @@ class NotYetConsistentError(TransientError):
         super().__init__(
             f"the projection {projection!r} has not applied the write of consistency token "
             f"{token} yet (waited {waited_s:.1f}s); retry shortly"
+        )
+
+
+class WriteNotAppliedError(EngineError):
+    """A read asked for read-your-writes and the projection dead-lettered that write.
+
+    Waiting cannot help (the projection moved past it), and answering would
+    present a read model without the write as if it had it; the write shows
+    once the cause is fixed and the dead letter replayed (``engine dlq``).
+    """
+
+    def __init__(self, projection: str, token: str, letter_id: int) -> None:
+        self.projection = projection
+        self.token = token
+        self.letter_id = letter_id
+        super().__init__(
+            f"the projection {projection!r} could not apply the write of consistency token "
+            f"{token} (or an earlier event of the same aggregate): dead letter {letter_id}; "
+            "it shows once the dead letter is replayed (engine dlq replay)"
         )
 
 

@@ -86,7 +86,8 @@ def consistency_token(
         str | None,
         Query(
             description="Wait (bounded) until the projection read has applied the write that "
-            "returned this token; 503 not_yet_consistent if it has not in time.",
+            "returned this token; 503 not_yet_consistent if it has not in time, "
+            "503 write_dead_lettered if the projection dead-lettered it.",
             max_length=40,
         ),
     ] = None,

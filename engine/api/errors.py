@@ -37,6 +37,7 @@ from engine.errors import (
     RuleViolationError,
     TransientError,
     ValidationFailedError,
+    WriteNotAppliedError,
 )
 from engine.postgres.pool import CONNECTION_ERRORS
 
@@ -62,6 +63,7 @@ _STATUS: tuple[tuple[type[EngineError], int, str], ...] = (
     (CommandIdReusedError, 409, "command_id_reused"),
     (ConflictError, 409, "conflict"),
     (NotYetConsistentError, 503, "not_yet_consistent"),
+    (WriteNotAppliedError, 503, "write_dead_lettered"),
     (TransientError, 503, "service_unavailable"),
     (ConfigurationError, 503, "misconfigured"),
     (InvalidInputError, 400, "invalid_input"),
@@ -76,10 +78,13 @@ def engine_error_response(exc: EngineError) -> JSONResponse:
         "field": getattr(exc, "field", None),
         "details": getattr(exc, "details", None),
         "projection": getattr(exc, "projection", None),
+        "dead_letter": getattr(exc, "letter_id", None),
     }
     if code >= 500 and not isinstance(exc, TransientError):
         log.error("%s while serving a request: %s", type(exc).__name__, exc)
-    return _answer(code, error_body(name, str(exc), **extra), retry=code == 503)
+    # Retrying helps a store that is down or behind, not a dead-lettered write.
+    retry = code == 503 and not isinstance(exc, WriteNotAppliedError)
+    return _answer(code, error_body(name, str(exc), **extra), retry=retry)
 
 
 def _field_path(location: tuple[Any, ...] | list[Any]) -> str:

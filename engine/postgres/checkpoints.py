@@ -5,10 +5,11 @@ Two tables, written together after every batch a lane finishes:
 - ``engine_projection_checkpoints``: one row per projection (events applied,
   last error) for operators (``engine status``);
 - ``engine_partition_progress``: per projection and partition, the next Kafka
-  offset and the highest global position processed. The relay publishes each
-  partition in position order, so "position P on partition p is done" is
-  exactly ``position >= P`` here; consistency tokens (read-your-writes) wait on
-  it, and ``engine status`` computes lag from the offsets.
+  offset (every message below it is applied, not wanted, or dead-lettered)
+  and the highest global position processed. Consistency tokens compare the
+  next offset with the offset Kafka gave the token's event (the position is
+  not exact there: positions commit out of order, see
+  :mod:`engine.consistency`); ``engine status`` computes lag from the offsets.
 
 Neither makes application idempotent (that lives with each store's effect),
 so writing them is best effort: a lost row only delays a reader.

@@ -11,6 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine import CommandResult, ConsistencyToken, ValidationFailedError, partition_for
+from engine.api.errors import engine_error_response
+from engine.errors import WriteNotAppliedError
 from engine.lane import Delivery, progress_of
 from engine.testing import given as given_events
 from projections.orders import registry
@@ -77,3 +79,11 @@ def test_progress_keeps_the_highest_position_and_time_per_partition() -> None:
     assert progress[0].position == second.envelope.position
     assert progress[0].event_at == second.envelope.occurred_at
     assert (progress[1].next_offset, progress[1].position) == (4, 0)
+
+
+def test_a_dead_lettered_write_answers_503_without_retry_after() -> None:
+    response = engine_error_response(WriteNotAppliedError("order_details", "1.42", 7))
+    assert response.status_code == 503
+    assert "retry-after" not in response.headers
+    body = bytes(response.body).decode()
+    assert '"error":"write_dead_lettered"' in body and '"dead_letter":7' in body
