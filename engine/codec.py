@@ -48,6 +48,12 @@ def decode(value: bytes | None) -> EventEnvelope:
     if value is None:
         raise EventDecodeError("message has no value")
     try:
-        return EventEnvelope.model_validate_json(value)
+        envelope = EventEnvelope.model_validate_json(value)
     except ValidationError as exc:
         raise EventDecodeError(f"message is not an event envelope: {exc}") from exc
+    if envelope.occurred_at.utcoffset() is None:
+        # Every event we write is aware; a naive one cannot be ordered against them.
+        raise EventDecodeError(
+            f"event {envelope.event_id}: occurred_at {envelope.occurred_at} has no time zone"
+        )
+    return envelope

@@ -65,7 +65,12 @@ class EventRegistry:
             step = self._upcasters.get((event_type, version))
             if step is None:
                 raise UnknownEventError(f"no upcaster for {event_type} from v{version}")
-            payload = step(dict(payload))
+            try:
+                payload = step(dict(payload))
+            except Exception as exc:  # an old payload the upcaster did not foresee: poison
+                raise EventDecodeError(
+                    f"upcasting {event_type} from v{version} failed: {type(exc).__name__}: {exc}"
+                ) from exc
             version += 1
         return payload
 

@@ -31,7 +31,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from engine import codec
-from engine.errors import ConfigurationError, PoisonError
+from engine.errors import ConfigurationError, EventDecodeError, PoisonError
 from engine.lane import Batch, Delivery, Lane, dead_letter
 from engine.postgres.deadletters import ALL_PROJECTIONS, DeadLetterStore, NewDeadLetter
 from engine.projection import Projected
@@ -134,7 +134,11 @@ class ProjectionRunner:
                 try:
                     envelope = codec.decode(message.value)
                     event = self._registry.decode(envelope)
-                except PoisonError as exc:
+                except Exception as exc:
+                    # Every failure to decode or validate is the message's, never the
+                    # daemon's: a crash here would restart at this offset for ever.
+                    if not isinstance(exc, PoisonError):
+                        exc = EventDecodeError(f"{type(exc).__name__}: {exc}")
                     log.error("dead-lettering offset %s of %s: %s", message.offset, tp, exc)
                     poison.append(dead_letter(delivery, ALL_PROJECTIONS, exc, attempts=1))
                     batch.append(delivery)

@@ -1,0 +1,96 @@
+"""Odd events never stop the daemon: each is dead-lettered and its partition flows on.
+
+Each message here is produced straight to the topic, as a buggy or newer
+producer would: an envelope whose ``occurred_at`` has no time zone (next to
+events that have one), and an old ``OrderShipped`` v1 whose payload lacks the
+field its upcaster reads (the upcaster raises ``KeyError``, not a
+``PoisonError``). After them, a real event of the same aggregate on the same
+partition must still be applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+
+from engine import CommandBus, OutboxRelay, Resources, Settings
+from engine.daemon import build_runner
+from engine.partitioning import partition_for
+from engine.postgres.deadletters import DeadLetterStore
+from projections.orders import APP, ConfirmOrder
+from tests.helpers import new_customer, new_order, new_product
+
+
+def _envelope(order: str, event_type: str, schema_version: int, **fields: object) -> bytes:
+    body = {
+        "event_id": str(uuid.uuid4()),
+        "event_type": event_type,
+        "schema_version": schema_version,
+        "aggregate_type": "order",
+        "aggregate_id": order,
+        "aggregate_version": 2,
+        "position": 10**9,
+        "occurred_at": "2026-01-01T00:00:00+00:00",
+        "correlation_id": str(uuid.uuid4()),
+        "causation_id": str(uuid.uuid4()),
+        "payload": {"order_id": order},
+    }
+    body.update(fields)
+    return json.dumps(body).encode()
+
+
+async def test_naive_times_and_failing_upcasters_are_dead_lettered_not_fatal(
+    bus: CommandBus, pool: asyncpg.Pool, settings_for_test: Settings, resources: Resources
+) -> None:
+    kafka = settings_for_test.kafka
+    customer, product = await new_customer(bus), await new_product(bus)
+    order = (await new_order(bus, customer, [(product, 1)])).aggregate_id
+    await OutboxRelay(settings_for_test.postgres, kafka, settings_for_test.relay).drain()
+
+    odd = [
+        # No time zone, while every other event has one (a valid event otherwise).
+        _envelope(
+            order,
+            "OrderConfirmed",
+            1,
+            occurred_at="2026-01-01T00:00:00",
+            payload={
+                "order_id": order,
+                "customer_id": customer,
+                "total": "19.99",
+                "previous_status": "PENDING",
+                "status": "CONFIRMED",
+            },
+        ),
+        # v1 without "tracking_code": the upcaster's KeyError.
+        _envelope(order, "OrderShipped", 1),
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+    await producer.start()
+    try:
+        for value in odd:
+            await producer.send_and_wait(
+                kafka.topic,
+                value,
+                key=order.encode(),
+                partition=partition_for(order, kafka.partitions),
+            )
+    finally:
+        await producer.stop()
+    await bus.execute(ConfirmOrder(order_id=uuid.UUID(order)))
+    await OutboxRelay(settings_for_test.postgres, kafka, settings_for_test.relay).drain()
+
+    runner = build_runner(APP, resources)
+    await asyncio.wait_for(runner.run(asyncio.Event(), until_caught_up=True), timeout=90)
+
+    row = await pool.fetchrow("SELECT status, version FROM order_details WHERE id = $1", order)
+    assert row is not None and (row["status"], row["version"]) == ("CONFIRMED", 2)
+    letters = await DeadLetterStore(pool).list()
+    assert sorted(d.value for d in letters) == sorted(odd)
+    assert all(d.projection == "*" for d in letters)
+    errors = " | ".join(d.error for d in letters)
+    assert "time zone" in errors and "tracking_code" in errors, errors
