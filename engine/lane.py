@@ -30,7 +30,7 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from engine.errors import TransientError
-from engine.generations import GenerationFence
+from engine.generations import GenerationFence, take_up
 from engine.postgres.checkpoints import CheckpointStore, PartitionProgress
 from engine.postgres.deadletters import DeadLetterStore, NewDeadLetter
 from engine.projection import Projected, Projection, ProjectionStore, RebuildableStore
@@ -105,6 +105,8 @@ class Lane:
         self.applied = 0
         self.busy = False
         self.ready = asyncio.Event()  # set once the store is set up
+        # The generation this lane last set up and pointed readers at (None: none yet).
+        self._taken_up: int | None = None
 
     @property
     def name(self) -> str:
@@ -132,12 +134,17 @@ class Lane:
                 self.queue.task_done()
 
     async def _setup(self) -> None:
-        """Create the store's tables or index; a store that is down is waited for, alone."""
+        """Create the store's tables or index; a store that is down is waited for, alone.
+
+        A rebuildable store is set up by taking up its current generation,
+        which also repairs readers' pointers a crashed rebuild left behind.
+        """
         delay = self._settings.backoff_initial_s
         while True:
             try:
                 async with self._current_store() as store:
-                    await store.setup()
+                    if self._taken_up is None:  # not rebuildable: nothing took it up
+                        await store.setup()
             except Exception as exc:
                 await self._note_failure(exc)
                 await asyncio.sleep(self._backoff(delay))
@@ -211,17 +218,23 @@ class Lane:
 
     @asynccontextmanager
     async def _current_store(self) -> AsyncIterator[ProjectionStore]:
-        """The store of the current generation, held inside the rebuild fence."""
+        """The store of the current generation, held inside the rebuild fence.
+
+        The generation is read from the database under the fence for every
+        write; when it differs from the one this lane last took up (or at
+        start), the lane takes it up: sets it up and points readers at it. A
+        fence that cannot be taken raises TransientError: no write happens.
+        """
         store = self.store
         if self._fence is None or not isinstance(store, RebuildableStore):
             yield store
             return
-        async with self._fence.hold() as generation:
-            if generation != store.generation:
-                log.info("%s: switching to generation %d", self.name, generation)
-                store = store.at_generation(generation)
-                await store.setup()
-                self.store = store
+        async with self._fence.hold() as fenced:
+            if fenced.generation != self._taken_up:
+                if self._taken_up is not None:
+                    log.info("%s: switching to generation %d", self.name, fenced.generation)
+                self.store = store = await take_up(store, fenced)
+                self._taken_up = fenced.generation
             yield store
 
     async def close(self) -> None:

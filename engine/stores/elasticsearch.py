@@ -83,13 +83,39 @@ class ElasticsearchDocumentStore:
         )
 
     async def publish(self, conn: object) -> None:
-        """Move the alias to this generation's index in one atomic alias update."""
-        current = await self._client.indices.get_alias(name=self.alias, ignore_unavailable=True)
-        actions: list[dict[str, Any]] = [
-            {"remove": {"index": index, "alias": self.alias}} for index in current
-        ]
-        actions.append({"add": {"index": self.index, "alias": self.alias}})
-        await self._client.indices.update_aliases(actions=actions)
+        """Move the alias to this generation's index alone, in one atomic alias update.
+
+        Idempotent (nothing happens when the alias already points here only),
+        and only ever called after the generation is committed in Postgres
+        (see :mod:`engine.generations`): an alias moved earlier could outlive a
+        switch that never committed. Two callers may move it at once (a lane
+        and the rebuild, both to the committed generation): the loser's update
+        names an alias the winner removed, so it reads again.
+        """
+        try:
+            for _ in range(3):
+                try:
+                    current = set((await self._client.indices.get_alias(name=self.alias)).body)
+                except NotFoundError:
+                    current = set()
+                if current == {self.index}:
+                    return
+                actions: list[dict[str, Any]] = [
+                    {"remove": {"index": index, "alias": self.alias}}
+                    for index in current
+                    if index != self.index
+                ]
+                actions.append({"add": {"index": self.index, "alias": self.alias}})
+                try:
+                    await self._client.indices.update_aliases(actions=actions)
+                    return
+                except NotFoundError:
+                    continue
+            raise TransientError(f"the alias {self.alias} keeps moving; retry")
+        except TransportError as exc:
+            raise ServiceUnavailableError("Elasticsearch", str(exc)) from exc
+        except ApiError as exc:
+            raise TransientError(f"Elasticsearch answered {exc.meta.status}: {exc}") from exc
 
     async def drop(self) -> None:
         await self._client.indices.delete(index=self.index, ignore_unavailable=True)

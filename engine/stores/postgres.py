@@ -74,6 +74,9 @@ class PostgresDocumentStore:
     the generation.
     """
 
+    # Readers live in Postgres: a rebuild moves them inside its switch transaction.
+    publish_in_transaction = True
+
     def __init__(
         self,
         pool: asyncpg.Pool,
@@ -110,8 +113,13 @@ class PostgresDocumentStore:
             await ensure_view(conn, self.view, self.table)
 
     async def publish(self, conn: Connection) -> None:
-        await conn.execute(f"DROP VIEW IF EXISTS {self.view}")
-        await conn.execute(f"CREATE VIEW {self.view} AS SELECT * FROM {self.table}")
+        """Point the readers' view at this generation's table (idempotent).
+
+        In the rebuild's switch transaction it moves with the generation
+        record; elsewhere it runs in a transaction of its own.
+        """
+        async with conn.transaction():
+            await point_view(conn, self.view, self.table)
 
     async def drop(self) -> None:
         await self._pool.execute(f"DROP TABLE IF EXISTS {self.table}")
@@ -171,6 +179,8 @@ class PostgresSqlStore:
     rows under ``{projection}/g{g}``; readers use views under the plain names.
     """
 
+    publish_in_transaction = True  # see PostgresDocumentStore
+
     def __init__(
         self, pool: asyncpg.Pool, projection: SqlProjection, *, generation: int = 1
     ) -> None:
@@ -191,9 +201,10 @@ class PostgresSqlStore:
                 await ensure_view(conn, view, table)
 
     async def publish(self, conn: Connection) -> None:
-        for view, table in self._tables.items():
-            await conn.execute(f"DROP VIEW IF EXISTS {view}")
-            await conn.execute(f"CREATE VIEW {view} AS SELECT * FROM {table}")
+        """Point every readers' view at this generation's tables (idempotent), atomically."""
+        async with conn.transaction():
+            for view, table in self._tables.items():
+                await point_view(conn, view, table)
 
     async def drop(self) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -260,3 +271,25 @@ async def ensure_view(conn: Connection, view: str, table: str) -> None:
             f"{view!r} is a table, not the engine's view of {table!r} (left by an older "
             f"version?): drop it (DROP TABLE {view}) and the daemon recreates the view"
         )
+
+
+async def point_view(conn: Connection, view: str, table: str) -> None:
+    """Make ``view`` read ``table``, unless it already does (no lock taken then).
+
+    Replacing the view takes an exclusive lock on it: at every lane start it
+    would wait for readers' queries, hence the check first.
+    """
+    reads = await conn.fetchval(
+        """
+        SELECT array_agg(DISTINCT d.refobjid::regclass::text)
+        FROM pg_rewrite r JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass
+            AND d.objid = r.oid AND d.refclassid = 'pg_class'::regclass
+            AND d.refobjid <> r.ev_class
+        WHERE r.ev_class = to_regclass($1)
+        """,
+        view,
+    )
+    if reads == [table]:
+        return
+    await conn.execute(f"DROP VIEW IF EXISTS {view}")
+    await conn.execute(f"CREATE VIEW {view} AS SELECT * FROM {table}")

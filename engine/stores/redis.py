@@ -105,7 +105,18 @@ class RedisHashStore:
         await self._client.set(generation_pointer(self.base_prefix), self.generation, nx=True)
 
     async def publish(self, conn: object) -> None:
-        await self._client.set(generation_pointer(self.base_prefix), self.generation)
+        """Point readers at this generation (idempotent).
+
+        Only ever called after the generation is committed in Postgres (see
+        :mod:`engine.generations`): a pointer moved earlier could outlive a
+        switch that never committed.
+        """
+        try:
+            await self._client.set(generation_pointer(self.base_prefix), self.generation)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise ServiceUnavailableError("Redis", str(exc)) from exc
+        except redis.exceptions.RedisError as exc:
+            raise TransientError(f"Redis: {exc}") from exc
 
     async def drop(self) -> None:
         batch: list[str] = []
