@@ -13,6 +13,7 @@
     │   ├── RuleViolationError       a business rule forbids it (e.g. an invalid transition)
     │   └── CommandIdReusedError     a command id was sent again with different content
     ├── WriteNotAppliedError         an operator must act: a projection dead-lettered the write
+    ├── RebuildInProgressError       wait or stop it: the projection is being rebuilt elsewhere
     ├── PoisonError                  dead-letter it: this event will never apply
     │   ├── UnknownEventError        no model is registered for the event's type and version
     │   └── EventDecodeError         the bytes or the payload do not decode
@@ -29,6 +30,7 @@ exc``, so that callers never need to import a driver to handle a failure.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 
 
 class EngineError(Exception):
@@ -91,6 +93,37 @@ class WriteNotAppliedError(EngineError):
             f"the projection {projection!r} could not apply the write of consistency token "
             f"{token} (or an earlier event of the same aggregate): dead letter {letter_id}; "
             "it shows once the dead letter is replayed (engine dlq replay)"
+        )
+
+
+class RebuildInProgressError(EngineError):
+    """Another session is rebuilding the same projection; names who, where and since when.
+
+    Not retried by itself: an operator decides whether to wait for that
+    rebuild or to stop it (``pid`` is its Postgres backend).
+    """
+
+    def __init__(
+        self,
+        projection: str,
+        pid: int | None,
+        application_name: str,
+        host: str,
+        since: datetime | None,
+    ) -> None:
+        self.projection = projection
+        self.pid = pid
+        self.application_name = application_name
+        self.host = host
+        self.since = since
+        if pid is None:
+            super().__init__(f"{projection} was being rebuilt by {application_name}; try again")
+            return
+        started = f" since {since:%Y-%m-%d %H:%M:%S %Z}" if since is not None else ""
+        super().__init__(
+            f"{projection} is already being rebuilt by {application_name!r} (Postgres backend "
+            f"pid {pid}, from {host}{started}); wait for it to finish, or stop it "
+            f"(SELECT pg_terminate_backend({pid}) ends its session and releases the lock)"
         )
 
 

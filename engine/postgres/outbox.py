@@ -21,9 +21,32 @@ only read the aggregate, and so insert, after the previous version committed,
 and its position is drawn later. Hence for one aggregate, version order,
 position order and visibility order agree.
 
-``tx_id`` (``pg_current_xact_id()``) is kept on every row so a reader of the
-log by position (a rebuild) can stop at a horizon below every transaction still
-in flight (``pg_snapshot_xmin``), where no earlier position can still appear.
+Reading the log by position (a rebuild) needs a bound at or below which every
+position is *final*: committed (and visible) or aborted, so no lower position
+can still appear once the reader has moved past it. ``tx_id`` does not give
+one: a command draws its transaction id at its first write (its claim) and its
+position later, at append, so xid order is not position order (A claims xid
+100, B 101, C 102; C appends position 500 and commits; A appends 501 and
+commits; with B open, "xid below the oldest in flight" keeps 501 and hides the
+committed 500). Ordering by xid instead would break the per-aggregate order
+above. :func:`settling_position` finds the bound instead:
+
+1. read the identity sequence's last value ``S``: every position ``<= S`` was
+   drawn before this read;
+2. then list the transactions holding ``RowExclusiveLock`` on the log: a
+   transaction takes that lock when its ``INSERT`` starts, before the identity
+   default draws a position, and keeps it until it ends, so any transaction
+   that drew a position ``<= S`` and has not ended yet is on this list;
+3. wait until none of them holds the lock any more (:func:`still_writing`).
+   Postgres releases a transaction's locks after it has become visible as
+   committed (or aborted), so afterwards every position ``<= S`` is final,
+   and a read bounded by ``S`` may be followed by one starting after ``S``.
+
+Only transactions writing the log are waited for, so an unrelated long
+transaction does not hold a rebuild; one that writes the log and stays open
+does, and the caller bounds that wait. ``tx_id`` is still recorded, drawn
+before the position (see :func:`append`), for operators correlating rows with
+transactions.
 """
 
 from __future__ import annotations
@@ -130,15 +153,24 @@ async def append(
     Each tuple is (event_id, event_type, schema_version, aggregate_type,
     aggregate_id, aggregate_version, occurred_at, correlation_id, causation_id,
     payload_json). The notification is delivered only if the transaction commits.
+
+    The transaction id is drawn before any position, even when this is the
+    transaction's first write: ``tx`` is a materialized CTE that the source
+    rows join, and the identity default (``nextval``) is evaluated when a
+    joined row is projected into the insert, which needs ``tx`` first. (The
+    command bus claims its id first anyway; this keeps ``tx_id`` honest for
+    any other caller.)
     """
     rows = await conn.fetch(
         f"""
-        WITH new AS (
+        WITH tx AS MATERIALIZED (
+            SELECT pg_current_xact_id() AS id
+        ), new AS (
             INSERT INTO engine_event_log (event_id, event_type, schema_version, aggregate_type,
                 aggregate_id, aggregate_version, occurred_at, correlation_id, causation_id,
-                payload)
-            SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[],
-                $6::int[], $7::timestamptz[], $8::uuid[], $9::uuid[], $10::jsonb[])
+                payload, tx_id)
+            SELECT e.*, tx.id FROM tx, unnest($1::uuid[], $2::text[], $3::int[], $4::text[],
+                $5::text[], $6::int[], $7::timestamptz[], $8::uuid[], $9::uuid[], $10::jsonb[]) AS e
             RETURNING {_COLUMNS}
         ), queued AS (
             INSERT INTO engine_outbox (position) SELECT position FROM new
@@ -253,26 +285,71 @@ async def read_log(
     limit: int,
     event_types: Sequence[str],
     *,
-    below_horizon: bool = True,
+    up_to: int | None = None,
+    below_horizon: bool = False,
 ) -> list[EventEnvelope]:
-    """Events of these types after ``after_position``, in position order.
+    """Committed events of these types after ``after_position``, in position order.
 
-    With ``below_horizon`` (the default), only events below every transaction
-    still in flight: no event with a lower position can commit later, so the
-    next call may safely continue after the last position returned.
+    With ``up_to`` a position from :func:`settling_position` (once settled),
+    the next call may safely continue after the last position returned, and
+    after ``up_to`` once nothing is left below it. Without it, an event with a
+    lower position may still commit later. (``below_horizon`` is gone: the xid
+    horizon it used skips committed events, see the module docstring.)
     """
-    horizon = "AND tx_id < pg_snapshot_xmin(pg_current_snapshot())" if below_horizon else ""
+    if below_horizon:
+        raise ValueError("read_log(below_horizon=True) is unsound; bound it with up_to")
     rows = await conn.fetch(
         f"""
         SELECT {_COLUMNS} FROM engine_event_log
-        WHERE position > $1 AND event_type = ANY($3::text[]) {horizon}
+        WHERE position > $1 AND event_type = ANY($3::text[]) AND position <= $4
         ORDER BY position LIMIT $2
         """,
         after_position,
         limit,
         list(event_types),
+        up_to if up_to is not None else 2**63 - 1,
     )
     return [_envelope(row) for row in rows]
+
+
+@dataclass(frozen=True)
+class Settling:
+    """A bound of the log and the transactions that may still hold a position below it."""
+
+    position: int
+    writers: list[str]  # virtual transaction ids
+
+
+async def settling_position(conn: Connection) -> Settling:
+    """Step 1 and 2 of the module docstring's argument: the bound, then its writers.
+
+    Two statements, in this order, outside a transaction: the writers must be
+    listed after the bound is read.
+    """
+    if conn.is_in_transaction():
+        raise RuntimeError("settling_position needs a connection outside a transaction")
+    drawn = await conn.fetchval(
+        "SELECT pg_sequence_last_value(pg_get_serial_sequence('engine_event_log', 'position'))"
+    )
+    writers = await conn.fetchval(
+        "SELECT coalesce(array_agg(virtualtransaction), '{}') FROM pg_locks"
+        " WHERE locktype = 'relation' AND relation = 'engine_event_log'::regclass"
+        " AND mode = 'RowExclusiveLock' AND granted AND pid IS DISTINCT FROM pg_backend_pid()"
+    )
+    return Settling(int(drawn or 0), list(writers))
+
+
+async def still_writing(conn: Connection, writers: Sequence[str]) -> int:
+    """How many of ``writers`` have not ended yet (step 3: wait until none)."""
+    if not writers:
+        return 0
+    count = await conn.fetchval(
+        "SELECT count(DISTINCT virtualtransaction) FROM pg_locks"
+        " WHERE locktype = 'relation' AND relation = 'engine_event_log'::regclass"
+        " AND mode = 'RowExclusiveLock' AND virtualtransaction = ANY($1::text[])",
+        list(writers),
+    )
+    return int(count)
 
 
 async def count_log(conn: Connection, event_types: Sequence[str]) -> int:
