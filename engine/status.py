@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, computed_field
 
 from engine.application import Application
 from engine.errors import ServiceUnavailableError
+from engine.generations import current_generation
 from engine.postgres import outbox
 from engine.postgres.checkpoints import Checkpoint, CheckpointStore, PartitionProgress
 from engine.postgres.deadletters import DeadLetterStore
@@ -77,6 +78,8 @@ class ProjectionStatus(_Model):
     """How far one projection got, how far behind it is, and what went wrong."""
 
     name: str
+    generation: int = 1
+    """The generation of its store that readers and the daemon use (a rebuild makes the next)."""
     position: int = 0
     """The highest global event position processed (0: none yet)."""
     applied: int = 0
@@ -152,7 +155,7 @@ async def collect_status(
         projections=[
             _projection(
                 name, recorded.checkpoints.get(name), recorded.dead_letters[name], lags[name], now
-            )
+            ).model_copy(update={"generation": recorded.generations[name]})
             for name in names
         ],
         outbox=OutboxStatus(
@@ -211,6 +214,7 @@ class _Recorded:
     """What the daemon and the relay recorded in Postgres."""
 
     checkpoints: dict[str, Checkpoint]
+    generations: dict[str, int]
     progress: dict[str, list[PartitionProgress]]
     dead_letters: dict[str, int]
     backlog: outbox.Backlog
@@ -225,11 +229,12 @@ async def _read_postgres(pool: asyncpg.Pool, names: Sequence[str], settings: Set
         dead_letters = {n: await letters.count(n) for n in names}
         async with pool.acquire() as conn:
             backlog = await outbox.pending_backlog(conn)
+            generations = {n: await current_generation(conn, n) for n in names}
     except asyncpg.UndefinedTableError as exc:
         raise not_migrated(exc) from exc
     except CONNECTION_ERRORS as exc:
         raise unavailable(settings.postgres) from exc
-    return _Recorded(recorded, progress, dead_letters, backlog)
+    return _Recorded(recorded, generations, progress, dead_letters, backlog)
 
 
 # -- Kafka ----------------------------------------------------------------------------
