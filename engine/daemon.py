@@ -31,5 +31,10 @@ def build_runner(application: Application, resources: Resources) -> ProjectionRu
         for projection, store in application.projections(resources)
     ]
     return ProjectionRunner(
-        settings.kafka, settings.runner, application.registry, lanes, dead_letters
+        settings.kafka,
+        settings.runner,
+        application.registry,
+        lanes,
+        dead_letters=dead_letters,
+        checkpoints=checkpoints,
     )

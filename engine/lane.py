@@ -21,6 +21,7 @@ import asyncio
 import functools
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -105,6 +106,9 @@ class Lane:
         self.applied = 0
         self.busy = False
         self.ready = asyncio.Event()  # set once the store is set up
+        # Monotonic time since which a store call has gone unanswered (None: not waiting).
+        # The runner detaches a lane whose store hangs by this, not by queue length.
+        self.waiting_since: float | None = None
         # The generation this lane last set up and pointed readers at (None: none yet).
         self._taken_up: int | None = None
 
@@ -213,8 +217,12 @@ class Lane:
         return total
 
     async def _store_apply(self, items: list[Projected]) -> int:
-        async with self._current_store() as store:
-            return await store.apply(items)
+        self.waiting_since = time.monotonic()
+        try:
+            async with self._current_store() as store:
+                return await store.apply(items)
+        finally:  # an answer, even an error, is progress: the store is not hung
+            self.waiting_since = None
 
     @asynccontextmanager
     async def _current_store(self) -> AsyncIterator[ProjectionStore]:

@@ -7,13 +7,68 @@ Lanes apply concurrently; the dispatcher commits, per partition, the lowest
 offset any lane has not finished, so an offset is committed only after every
 projection durably applied (or dead-lettered) everything before it.
 
-Failure isolation: a lane whose store is down falls behind until its queue is
-full; then it is *detached*: its queued batches are dropped, it stops receiving
-new ones, and, once its store accepts writes again, it catches up alone from
-its own offsets with a private, group-less consumer, and re-attaches when it
-reaches the dispatcher. Meanwhile the other lanes stay current. Commits never
-pass a detached lane's offsets, so a restart or rebalance loses nothing; the
-healthy lanes see those events again and skip them by version.
+Failure isolation: a lane that cannot keep up is *detached*: its queued
+batches are dropped, it stops receiving new ones, and, once its store accepts
+writes again, it catches up alone from its own offsets with a private,
+group-less consumer, and re-attaches when it reaches the dispatcher.
+Meanwhile the other lanes stay current. Commits never pass a detached lane's
+offsets, so a restart or rebalance loses nothing; the healthy lanes see those
+events again and skip them by version.
+
+How long one store can hold the others back. The dispatcher only waits for a
+lane whose queue (``lane_queue_batches``) is full, and a slot frees each time
+the lane finishes a batch; so it waits for the lane's *store*, and what
+matters is whether that store answers:
+
+- it answers with errors (``lane.failing``): detached at once;
+- it does not answer at all: the lane records when its current store call
+  started (``lane.waiting_since``, cleared by any answer, error included);
+  once a call has been unanswered for ``stall_timeout_s`` the lane is
+  detached. The queue fills only after the store went quiet, so the others
+  are held at most ``stall_timeout_s`` after the store's last answer;
+- it answers, slowly: each finished batch frees a slot, so the dispatcher
+  keeps pace with it (back-pressure) and does not detach it, which would only
+  turn into a cycle of catch-up, re-attach and detach. Only a single wait for
+  room longer than ``slow_lane_timeout_s`` detaches it.
+
+The cost of the distinction: one store call (one batch) that legitimately
+takes longer than ``stall_timeout_s`` counts as hung; keep the setting above
+the store's slowest normal batch at ``batch_size``.
+
+Why a detached lane always catches up. A lane is detached exactly while it has
+a catch-up task in ``_catch_ups`` or is stranded (below), and both ways out
+hold whatever await a cancellation lands on:
+
+- ``_catch_up`` does every await (``lane.ready``, ``lane.queue.join()``,
+  ``reader.start()``, the reads) inside one ``try`` whose ``finally`` removes
+  the task's own entry (only its own: a newer catch-up of the same lane may
+  have replaced it) and closes the reader;
+- ``revoke`` cancels every catch-up, waits for them (bounded), and then
+  starts a fresh one for *every* lane still detached and behind (or
+  re-attaches one with nothing left behind). It decides by the lane's state,
+  never by which tasks happen to be in ``_catch_ups``: an entry left by a
+  cancelled task can no longer keep a lane detached for ever, which used to
+  freeze that projection, the commit minimum of every partition, and
+  ``--until-caught-up``.
+
+A lane the topic's retention overtook. The catch-up reader never resets
+(``auto_offset_reset="none"``): when the lane's next offset is gone, skipping
+to the log's start or end would leave a silent gap in its read model. Kafka
+answers OffsetOutOfRange instead; the lane is *stranded*: it stays detached,
+``failing`` (and its checkpoint's last error) names the projection, the
+partition and offset and says to run ``engine rebuild <projection>`` and then
+restart the daemon; the other lanes go on. It keeps its place in the commit
+minimum, so after the rebuild a restart re-reads from the log's start and the
+events committed after the rebuild's switch still reach it (they are recent,
+so not deleted). In burst mode (``until_caught_up``) a stranded lane makes
+``run`` raise with that message: "caught up" can no longer be reached.
+
+Commits. A commit the group refuses because it is rebalancing (another daemon
+joined or left: CommitFailedError, IllegalGeneration, UnknownMemberId,
+RebalanceInProgress) is logged and dropped, not raised: ``_committed`` is not
+advanced, so the next commit after the rebalance carries the same offsets
+(or ``revoke`` does, before the partitions move). Committing less is always
+safe here; the daemon ending on it was not.
 
 Rebalance: when partitions are revoked, queued work is flushed (bounded by
 ``shutdown_timeout_s``) and the safe offsets committed before the partitions
@@ -25,14 +80,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+)
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from engine import codec
 from engine.errors import ConfigurationError, EventDecodeError, PoisonError
 from engine.lane import Batch, Delivery, Lane, dead_letter
+from engine.postgres.checkpoints import CheckpointStore
 from engine.postgres.deadletters import ALL_PROJECTIONS, DeadLetterStore, NewDeadLetter
 from engine.projection import Projected
 from engine.registry import EventRegistry
@@ -41,6 +106,15 @@ from engine.settings import KafkaSettings, RunnerSettings
 log = logging.getLogger("engine.runner")
 
 Records = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+
+# The group moved on under a commit (another daemon joined or left): the offsets are
+# not lost, the next commit after the rebalance carries them (see "Commits" above).
+_STALE_COMMIT = (
+    CommitFailedError,
+    IllegalGenerationError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+)
 
 
 class ProjectionRunner:
@@ -52,7 +126,9 @@ class ProjectionRunner:
         settings: RunnerSettings,
         registry: EventRegistry,
         lanes: Sequence[Lane],
+        *,
         dead_letters: DeadLetterStore,
+        checkpoints: CheckpointStore,
     ) -> None:
         if len({lane.name for lane in lanes}) != len(lanes):
             raise ConfigurationError("two projections share a name")
@@ -61,11 +137,14 @@ class ProjectionRunner:
         self._registry = registry
         self.lanes = list(lanes)
         self._dead_letters = dead_letters
+        self._checkpoints = checkpoints
         self._consumer: AIOKafkaConsumer | None = None
         self._dispatched: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._lane_tasks: list[asyncio.Task[None]] = []
         self._catch_ups: dict[str, asyncio.Task[None]] = {}
+        # Lanes whose next offset the topic's retention deleted: stopped, with the reason.
+        self.stranded: dict[str, str] = {}
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -100,6 +179,9 @@ class ProjectionRunner:
                 batch = await self._decode(records, record_poison=True)
                 await self._dispatch(batch)
             await self._commit()
+            if until_caught_up and self.stranded:
+                # Burst mode cannot reach "caught up" any more: say why instead of hanging.
+                raise ConfigurationError("; ".join(self.stranded.values()))
             if until_caught_up and not records and await self._caught_up(consumer):
                 return
 
@@ -158,13 +240,7 @@ class ProjectionRunner:
         return batch
 
     async def _dispatch(self, batch: Batch) -> None:
-        """Give the batch to every attached lane.
-
-        A full queue means the lane is behind. If its store is failing, it is
-        detached at once; if it is only slower than the others, the dispatcher
-        waits for it (back-pressure) up to ``slow_lane_timeout_s`` and then
-        detaches it too, so one slow store cannot hold the others for long.
-        """
+        """Give the batch to every attached lane; a full queue is back-pressure or a detach."""
         for delivery in batch:
             self._dispatched[delivery.tp] = max(
                 self._dispatched.get(delivery.tp, 0), delivery.offset + 1
@@ -178,61 +254,132 @@ class ProjectionRunner:
                 lane.queue.put_nowait(batch)
             except asyncio.QueueFull:
                 if lane.failing:
-                    self._detach(lane)
+                    self._detach(lane, lane.failing)
                 else:
                     full.append(lane)
         await asyncio.gather(*(self._put_or_detach(lane, batch) for lane in full))
 
     async def _put_or_detach(self, lane: Lane, batch: Batch) -> None:
-        try:
-            await asyncio.wait_for(
-                lane.queue.put(batch), timeout=self._settings.slow_lane_timeout_s
-            )
-        except TimeoutError:
-            self._detach(lane)
+        """Wait for room in a full queue while the lane's store keeps answering.
 
-    def _detach(self, lane: Lane) -> None:
+        Each slot frees when the lane finishes a batch, so a busy store sets
+        the pace (back-pressure). The wait ends in a detach when the store
+        answers with errors (failing), has left one call unanswered for
+        ``stall_timeout_s`` (hung), or the wait passes ``slow_lane_timeout_s``.
+        """
+        started = time.monotonic()
+        put = asyncio.ensure_future(lane.queue.put(batch))
+        try:
+            while not put.done():
+                reason, wake_in = self._hold_reason(lane, time.monotonic() - started)
+                if reason is not None:
+                    put.cancel()
+                    self._detach(lane, reason)
+                    return
+                await asyncio.wait({put}, timeout=wake_in)
+        finally:
+            if not put.done():  # cancelled while waiting (shutdown): leave no putter behind
+                put.cancel()
+
+    def _hold_reason(self, lane: Lane, waited_s: float) -> tuple[str | None, float]:
+        """Why to stop holding the dispatcher for ``lane`` (None: keep waiting), and how long."""
+        settings = self._settings
+        if lane.failing:
+            return lane.failing, 0.0
+        if waited_s >= settings.slow_lane_timeout_s:
+            return f"slow store: no room in its queue for {waited_s:.0f}s", 0.0
+        check_in = min(settings.slow_lane_timeout_s - waited_s, settings.stall_timeout_s / 4)
+        since = lane.waiting_since
+        if since is not None:
+            silent = time.monotonic() - since
+            if silent >= settings.stall_timeout_s:
+                return f"hung store: no answer for {silent:.1f}s", 0.0
+            check_in = min(check_in, settings.stall_timeout_s - silent)
+        return None, check_in
+
+    def _detach(self, lane: Lane, reason: str) -> None:
         log.warning(
             "%s fell %d batches behind (%s); it will catch up alone",
             lane.name,
             lane.queue.maxsize,
-            lane.failing or "slow store",
+            reason,
         )
         lane.detached = True
         while not lane.queue.empty():
             lane.queue.get_nowait()
             lane.queue.task_done()
-        self._catch_ups[lane.name] = asyncio.create_task(self._catch_up(lane))
+        self._start_catch_up(lane)
+
+    def _start_catch_up(self, lane: Lane) -> None:
+        """The one catch-up of ``lane``; an older one still unwinding is cancelled, not waited."""
+        older = self._catch_ups.get(lane.name)
+        if older is not None:
+            older.cancel()
+        self._catch_ups[lane.name] = asyncio.create_task(
+            self._catch_up(lane), name=f"catch-up {lane.name}"
+        )
 
     async def _catch_up(self, lane: Lane) -> None:
-        """Re-read this lane's partitions from its own offsets until it reaches the dispatcher."""
-        await lane.ready.wait()
-        await lane.queue.join()  # the batch in flight (maybe retrying) finishes first
-        reader = AIOKafkaConsumer(
-            bootstrap_servers=self._kafka.bootstrap_servers,
-            group_id=None,
-            enable_auto_commit=False,
-            max_poll_records=self._settings.batch_size,
-        )
-        await reader.start()
+        """Re-read this lane's partitions from its own offsets until it reaches the dispatcher.
+
+        Every await is inside the ``try``: wherever a rebalance or shutdown
+        cancels it, the entry in ``_catch_ups`` goes (if it is still this
+        task's) and the reader is closed.
+        """
+        reader: AIOKafkaConsumer | None = None
         try:
-            reading: set[TopicPartition] = set()
-            while behind := self._behind(lane):
-                # Partitions fall behind one by one while detached: follow the current set,
-                # always from the lane's own progress.
-                if set(behind) != reading:
-                    reading = set(behind)
-                    reader.assign(list(reading))
-                    for tp, offset in behind.items():
-                        reader.seek(tp, offset)
-                records: Records = await reader.getmany(timeout_ms=self._settings.max_latency_ms)
-                if records:
-                    await lane.process(await self._decode(records, record_poison=False))
+            await lane.ready.wait()
+            await lane.queue.join()  # the batch in flight (maybe retrying) finishes first
+            reader = AIOKafkaConsumer(
+                bootstrap_servers=self._kafka.bootstrap_servers,
+                group_id=None,
+                enable_auto_commit=False,
+                # Never jump: an offset the retention deleted is an error, not a reset.
+                auto_offset_reset="none",
+                max_poll_records=self._settings.batch_size,
+            )
+            await reader.start()
+            await self._read_until_reached(lane, reader)
             lane.detached = False  # no await since the check: the next dispatch is ours
             log.info("%s caught up and re-attached", lane.name)
+        except (OffsetOutOfRangeError, NoOffsetForPartitionError) as exc:
+            await self._strand(lane, exc)
         finally:
-            self._catch_ups.pop(lane.name, None)
-            await reader.stop()
+            if self._catch_ups.get(lane.name) is asyncio.current_task():
+                del self._catch_ups[lane.name]
+            if reader is not None:
+                await reader.stop()
+
+    async def _read_until_reached(self, lane: Lane, reader: AIOKafkaConsumer) -> None:
+        reading: set[TopicPartition] = set()
+        while behind := self._behind(lane):
+            # Partitions fall behind one by one while detached: follow the current set,
+            # always from the lane's own progress.
+            if set(behind) != reading:
+                reading = set(behind)
+                reader.assign(list(reading))
+                for tp, offset in behind.items():
+                    reader.seek(tp, offset)
+            records: Records = await reader.getmany(timeout_ms=self._settings.max_latency_ms)
+            if records:
+                await lane.process(await self._decode(records, record_poison=False))
+
+    async def _strand(self, lane: Lane, exc: Exception) -> None:
+        """Stop a lane whose next events are gone from the topic, and say what to do."""
+        where = ", ".join(
+            f"partition {tp.partition} from offset {offset}"
+            for tp, offset in sorted(self._behind(lane).items())
+        )
+        reason = (
+            f"{lane.name} is stopped: the topic's retention deleted events it had not applied"
+            f" yet ({where}; {type(exc).__name__}). Its read model has a gap that only a"
+            f" rebuild can fill: run `engine rebuild {lane.name}`, then restart the daemon."
+        )
+        log.error(reason)
+        self.stranded[lane.name] = reason
+        lane.failing = reason
+        with contextlib.suppress(Exception):  # for operators (engine status); the log has it
+            await self._checkpoints.failed(lane.name, reason)
 
     def _behind(self, lane: Lane) -> dict[TopicPartition, int]:
         return {
@@ -266,7 +413,11 @@ class ProjectionRunner:
             if tp in assigned and offset > self._committed.get(tp, -1)
         }
         if fresh:
-            await consumer.commit(fresh)
+            try:
+                await consumer.commit(fresh)
+            except _STALE_COMMIT as exc:
+                log.warning("commit refused by a rebalance (%s); the next one carries it", exc)
+                return
             for tp, meta in fresh.items():
                 self._committed[tp] = meta.offset
 
@@ -279,9 +430,17 @@ class ProjectionRunner:
             log.warning("lanes did not finish within %.0fs; committing what is safe", timeout_s)
 
     async def revoke(self, revoked: Sequence[TopicPartition]) -> None:
-        """Before partitions move to another daemon: flush, commit, forget them."""
-        for task in list(self._catch_ups.values()):
+        """Before partitions move to another daemon: flush, commit, forget them.
+
+        Catch-ups are stopped (they read partitions that may move) and waited
+        for, bounded; afterwards every lane that is still detached gets a
+        fresh one: what decides is the lane's state, not which tasks survived.
+        """
+        cancelled = list(self._catch_ups.values())
+        for task in cancelled:
             task.cancel()
+        if cancelled:
+            await asyncio.wait(cancelled, timeout=self._settings.shutdown_timeout_s)
         await self._flush(self._settings.shutdown_timeout_s)
         with contextlib.suppress(Exception):
             await self._commit(revoked)
@@ -291,11 +450,15 @@ class ProjectionRunner:
             for lane in self.lanes:
                 lane.next_offset.pop(tp, None)
         for lane in self.lanes:
-            if lane.detached and lane.name not in self._catch_ups:
-                if self._behind(lane):
-                    self._catch_ups[lane.name] = asyncio.create_task(self._catch_up(lane))
-                else:
-                    lane.detached = False
+            if not lane.detached or lane.name in self.stranded:
+                continue
+            if self._behind(lane):
+                self._start_catch_up(lane)
+            else:  # nothing of its own left behind: it follows the dispatcher again
+                unwinding = self._catch_ups.get(lane.name)
+                if unwinding is not None:
+                    unwinding.cancel()
+                lane.detached = False
 
     async def _caught_up(self, consumer: AIOKafkaConsumer) -> bool:
         assigned = consumer.assignment()

@@ -150,6 +150,10 @@ class RunnerSettings(_Section):
     lane_queue_batches: int = Field(default=20, ge=1, le=10_000)
     # A lane whose queue stays full this long (slow, not failing) is detached too.
     slow_lane_timeout_s: float = Field(default=30.0, gt=0)
+    # A lane whose store has not answered one call for this long (hung, not busy) is
+    # detached as soon as its queue is full: the longest a store that stops answering
+    # holds the other projections back. Keep it above the store's slowest normal batch.
+    stall_timeout_s: float = Field(default=3.0, gt=0)
     # A handler that keeps failing (not a store outage) this many times is dead-lettered.
     max_attempts: int = Field(default=3, ge=1, le=100)
     backoff_initial_s: float = Field(default=0.2, gt=0)

@@ -1,0 +1,119 @@
+"""A detached lane always catches up, whatever await a rebalance cancels its catch-up at.
+
+The interleaving is built step by step: Elasticsearch is frozen (SIGSTOP) so
+the search lane's batch in flight gets no answer; the lane is detached and its
+catch-up parks on that batch (``lane.queue.join()``); a second daemon then
+joins the group, and the rebalance cancels the parked catch-up. After
+Elasticsearch resumes, search must reach the write model and the group's
+committed offsets the end of the topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from engine import CommandBus, OutboxRelay, Resources, Settings
+from engine.daemon import build_runner
+from engine.runner import ProjectionRunner
+from projections.orders import APP
+from tests.integration.read.expected import assert_projections_match, eventually
+from tests.integration.read.scenario import populate
+from tests.integration.read.test_hung_store import frozen_elasticsearch, wait_for
+
+
+def fast_detaching(settings: Settings) -> Settings:
+    """Small batches and a one-batch queue: a lane with no answer is detached within a second."""
+    runner = settings.runner.model_copy(
+        update={
+            "batch_size": 10,
+            "lane_queue_batches": 1,
+            "slow_lane_timeout_s": 1.0,
+            "stall_timeout_s": 1.0,
+            "backoff_max_s": 0.5,
+            "shutdown_timeout_s": 2.0,
+        }
+    )
+    return settings.model_copy(update={"runner": runner})
+
+
+async def assert_committed_to_the_end(settings: Settings) -> None:
+    """Every partition's committed offset (of the test's group) is the topic's end."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=settings.runner.group_id,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        partitions = [
+            TopicPartition(settings.kafka.topic, p) for p in range(settings.kafka.partitions)
+        ]
+        ends = await consumer.end_offsets(partitions)
+        committed = {tp: await consumer.committed(tp) or 0 for tp in partitions}
+        assert committed == ends
+    finally:
+        await consumer.stop()
+
+
+def _assigned(runner: ProjectionRunner) -> bool:
+    consumer = runner._consumer
+    return consumer is not None and bool(consumer.assignment())
+
+
+@pytest.mark.timeout(240)
+async def test_catch_up_cancelled_by_a_rebalance_while_parked_still_catches_up(
+    bus: CommandBus, pool: asyncpg.Pool, settings_for_test: Settings, resources: Resources
+) -> None:
+    settings = fast_detaching(settings_for_test)
+    opened = Resources(settings, resources.pool, resources.redis, resources.elasticsearch)
+    relay = OutboxRelay(settings.postgres, settings.kafka, settings.relay)
+    first = build_runner(APP, opened)
+    search = next(lane for lane in first.lanes if lane.name == "order_search")
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(first.run(stop))]
+    try:
+        await populate(bus, orders=5, seed=21)
+        await relay.drain()
+        await eventually(
+            lambda: assert_projections_match(
+                settings, pool, resources.redis, resources.elasticsearch
+            ),
+            timeout_s=60,
+        )
+
+        async with frozen_elasticsearch(settings):
+            await populate(bus, orders=15, seed=22)
+            await relay.drain()
+            # Detached, with its catch-up waiting for the batch Elasticsearch will not answer.
+            await wait_for(
+                lambda: search.detached and search.busy and "order_search" in first._catch_ups,
+                "search detached with its catch-up parked on the batch in flight",
+                timeout_s=30,
+            )
+            second = build_runner(APP, opened)
+            tasks.append(asyncio.create_task(second.run(stop)))
+            await wait_for(
+                lambda: _assigned(first) and _assigned(second),
+                "the rebalance to give both daemons partitions",
+                timeout_s=60,
+            )
+        await populate(bus, orders=5, seed=23)  # light load after the store is back
+        await relay.drain()
+        await eventually(
+            lambda: assert_projections_match(
+                settings, pool, resources.redis, resources.elasticsearch
+            ),
+            timeout_s=60,
+        )
+        await eventually(lambda: assert_committed_to_the_end(settings), timeout_s=30)
+        assert not search.detached
+    finally:
+        stop.set()
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*tasks, return_exceptions=True), timeout=60
+        )
+    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
