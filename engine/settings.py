@@ -137,6 +137,18 @@ class RelaySettings(_Section):
     backoff_max_s: float = Field(default=10.0, gt=0)
     # A standby relay retries taking the leader lock this often.
     standby_retry_s: float = Field(default=1.0, gt=0)
+    leader_timeout_s: float = Field(
+        default=10.0,
+        ge=1.0,
+        le=600.0,
+        description=(
+            "Longest a leader relay may go without renewing its lease. A standby that finds"
+            " the lease older than this terminates the leader's Postgres session (a frozen"
+            " process, a half-open connection) and takes over: publishing resumes within"
+            " about leader_timeout_s + standby_retry_s of the leader going silent. The"
+            " leader renews every quarter of it, and gives up leading itself if it cannot."
+        ),
+    )
 
 
 class RunnerSettings(_Section):

@@ -119,6 +119,20 @@ OUTBOX_MIGRATIONS = (
         );
         """,
     ),
+    # The leader relay's lease, renewed through the connection that holds the
+    # leader lock; a standby terminates a holder whose lease went stale (the
+    # argument is in engine.relay).
+    Migration(
+        "engine-0007-relay-lease",
+        """
+        CREATE TABLE engine_relay_lease (
+            lock_key    bigint PRIMARY KEY,
+            holder_pid  integer NOT NULL,
+            holder_name text NOT NULL,
+            renewed_at  timestamptz NOT NULL
+        );
+        """,
+    ),
 )
 
 _COLUMNS = (
