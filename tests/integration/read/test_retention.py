@@ -1,0 +1,145 @@
+"""Offsets the daemon cannot have: deleted by retention, or refused by a rebalance.
+
+Retention is made deterministic with ``delete_records``: it moves a partition's
+log start exactly where the test says, which is what time- or size-based
+retention does on its own schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from aiokafka.errors import CommitFailedError
+
+from engine import CommandBus, OutboxRelay, Resources, Settings
+from engine.daemon import build_runner
+from engine.topics import ensure_topic
+from projections.orders import APP
+from tests.integration.read.expected import (
+    assert_postgres_and_redis_match,
+    assert_projections_match,
+    eventually,
+)
+from tests.integration.read.scenario import populate
+from tests.integration.read.test_catch_up import assert_committed_to_the_end, fast_detaching
+from tests.integration.read.test_hung_store import frozen_elasticsearch, wait_for
+
+
+async def delete_everything_published(settings: Settings) -> None:
+    """Move every partition's log start to its end, as retention would, given time."""
+    partitions = [TopicPartition(settings.kafka.topic, p) for p in range(settings.kafka.partitions)]
+    probe = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await probe.start()
+    try:
+        ends = await probe.end_offsets(partitions)
+    finally:
+        await probe.stop()
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.delete_records({tp: RecordsToDelete(end) for tp, end in ends.items()})
+    finally:
+        await admin.close()
+
+
+@pytest.mark.timeout(180)
+async def test_a_lane_the_retention_overtook_stops_and_says_to_rebuild(
+    bus: CommandBus, pool: asyncpg.Pool, settings_for_test: Settings, resources: Resources
+) -> None:
+    settings = fast_detaching(settings_for_test)
+    relay = OutboxRelay(settings.postgres, settings.kafka, settings.relay)
+    runner = build_runner(
+        APP, Resources(settings, resources.pool, resources.redis, resources.elasticsearch)
+    )
+    search = next(lane for lane in runner.lanes if lane.name == "order_search")
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        await populate(bus, orders=3, seed=41)
+        await relay.drain()
+        await eventually(
+            lambda: assert_projections_match(
+                settings, pool, resources.redis, resources.elasticsearch
+            ),
+            timeout_s=60,
+        )
+        async with frozen_elasticsearch(settings):
+            await populate(bus, orders=10, seed=42)
+            await relay.drain()
+            await wait_for(lambda: search.detached, "search to be detached", timeout_s=30)
+            # What search has not applied yet is gone before its catch-up can read it.
+            await delete_everything_published(settings)
+        await wait_for(
+            lambda: "engine rebuild order_search" in (search.failing or ""),
+            "search to stop and say that it needs a rebuild (not to jump past the gap)",
+            timeout_s=30,
+        )
+        assert "partition" in (search.failing or "")
+        assert search.detached
+        recorded = await pool.fetchval(
+            "SELECT last_error FROM engine_projection_checkpoints WHERE projection = $1",
+            "order_search",
+        )
+        assert "engine rebuild order_search" in recorded
+
+        # The other projections go on.
+        await populate(bus, orders=3, seed=43)
+        await relay.drain()
+        await eventually(
+            lambda: assert_postgres_and_redis_match(settings, pool, resources.redis),
+            timeout_s=60,
+        )
+        assert search.detached
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=60)
+
+
+@pytest.mark.timeout(120)
+async def test_a_commit_refused_by_a_rebalance_is_carried_by_the_next_one(
+    bus: CommandBus,
+    settings_for_test: Settings,
+    resources: Resources,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = settings_for_test
+    await ensure_topic(settings.kafka)  # so the daemon's consumer starts at once
+    relay = OutboxRelay(settings.postgres, settings.kafka, settings.relay)
+    runner = build_runner(APP, resources)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        await wait_for(lambda: runner._consumer is not None, "the consumer", timeout_s=30)
+        consumer = runner._consumer
+        assert consumer is not None
+        real_commit = consumer.commit
+        refused: list[object] = []
+
+        # Fault injection: the group refuses the first commit, as it does when a
+        # rebalance started between the fetch and the commit.
+        async def commit_refused_once(offsets: Any = None) -> None:
+            if not refused:
+                refused.append(offsets)
+                raise CommitFailedError("the group has rebalanced")
+            await real_commit(offsets)
+
+        monkeypatch.setattr(consumer, "commit", commit_refused_once)
+        await populate(bus, orders=3, seed=44)
+        await relay.drain()
+        await eventually(
+            lambda: assert_projections_match(
+                settings, resources.pool, resources.redis, resources.elasticsearch
+            ),
+            timeout_s=60,
+        )
+        await eventually(lambda: assert_committed_to_the_end(settings), timeout_s=30)
+        assert refused, "no commit was refused: nothing was tested"
+        assert not task.done(), "the daemon ended on a refused commit"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=60)
