@@ -203,8 +203,10 @@ class OutboxRelay:
                 await self._lead(stop, until_caught_up=False)
                 delay = self._settings.backoff_initial_s
             except _PartitionMismatch as exc:
-                log.error("%s: %s", self.name, exc)
-                await _wait(stop, self._settings.backoff_max_s)
+                # Not fatal: `engine up` would take the daemon and the API down with us.
+                wait = self._settings.backoff_max_s
+                log.error("%s: %s (checking again in %gs)", self.name, exc, wait)
+                await _wait(stop, wait)
             except (KafkaError, TransientError, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                 self.stats.failures += 1
                 self.is_leader = False
@@ -403,8 +405,9 @@ class OutboxRelay:
                         break
                     end += 1
                 batch.close()
-                ack = await producer.send_batch(batch, self._kafka.topic, partition=partition)
-                meta = await asyncio.wait_for(ack, self._kafka_step_s)
+                async with asyncio.timeout(self._kafka_step_s):
+                    ack = await producer.send_batch(batch, self._kafka.topic, partition=partition)
+                    meta = await ack
                 # Record n of a batch is at the batch's base offset + n.
                 acked.extend(
                     outbox.Published(envelope.position, meta.partition, meta.offset + n)
@@ -424,17 +427,17 @@ class OutboxRelay:
             return
         self.stats.refusals += 1
         self.refused = (
-            f"topic {kafka.topic!r} has {actual} partitions but "
-            f"{env_var('kafka', 'partitions')} is {kafka.partitions}: publishing nothing until"
-            f" they agree (re-checking every {self._settings.backoff_max_s:g}s). Events go to the"
-            " partition computed from that setting, so another count would move aggregates to"
-            " other partitions mid-stream and break their order; do not change either on a topic"
-            " in use. If the setting was changed by mistake, restore the count the topic was"
-            " created with. To change the count safely: stop the writers (API, commands), let the"
-            " relay publish everything and the daemon catch up, create a new topic with the new"
-            f" count, set {env_var('kafka', 'topic')} and {env_var('kafka', 'partitions')} to it"
-            " together for every engine process and restart them; rebuild the projections"
-            " afterwards only if you want them replayed."
+            f"topic {kafka.topic!r} has {actual} partitions but"
+            f" {env_var('kafka', 'partitions')} is {kafka.partitions}: the relay publishes"
+            " nothing until they agree. Events go to the partition computed from that setting,"
+            " so another count would move aggregates to other partitions mid-stream and break"
+            " their order: do not change either on a topic in use. If the setting was changed by"
+            " mistake, restore the count the topic was created with. To change the count safely:"
+            " stop the writers (API, commands), let the relay publish everything and the daemon"
+            " catch up, create a new topic with the new count, set"
+            f" {env_var('kafka', 'topic')} and {env_var('kafka', 'partitions')} to it together"
+            " for every engine process and restart them; rebuild the projections afterwards"
+            " only if you want them replayed."
         )
         raise _PartitionMismatch(self.refused)
 
