@@ -334,13 +334,14 @@ class Settling:
     writers: list[str]  # virtual transaction ids
 
 
-async def settling_position(conn: Connection) -> Settling:
+async def settling_position(conn: Connection, *, in_transaction: bool = False) -> Settling:
     """Step 1 and 2 of the module docstring's argument: the bound, then its writers.
 
-    Two statements, in this order, outside a transaction: the writers must be
-    listed after the bound is read.
+    Two statements, in this order, outside a transaction (so that the second
+    sees what the first could not): the writers must be listed after the bound
+    is read. ``in_transaction`` is for a caller that only needs the bound.
     """
-    if conn.is_in_transaction():
+    if conn.is_in_transaction() and not in_transaction:
         raise RuntimeError("settling_position needs a connection outside a transaction")
     drawn = await conn.fetchval(
         "SELECT pg_sequence_last_value(pg_get_serial_sequence('engine_event_log', 'position'))"

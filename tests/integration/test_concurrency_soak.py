@@ -39,7 +39,7 @@ from engine import (
     RuleViolationError,
     Settings,
 )
-from engine.errors import EngineError
+from engine.errors import EngineError, RebuildInProgressError
 from engine.rebuild import RebuildReport, rebuild
 from projections.orders import (
     APP,
@@ -212,7 +212,7 @@ async def _rebuilds(resources: Resources, tally: Tally) -> None:
     for outcome in pair:
         if isinstance(outcome, RebuildReport):
             tally.rebuilds.append(outcome)
-        elif isinstance(outcome, EngineError):
+        elif isinstance(outcome, RebuildInProgressError):
             tally.refused.append(str(outcome))
         else:
             raise outcome
