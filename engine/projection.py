@@ -117,6 +117,13 @@ class RebuildableStore(ProjectionStore, Protocol):
     ``at_generation`` gives the same store writing generation ``g``; ``publish``
     points readers at this generation (``conn`` is the rebuild's transaction,
     for stores that live in Postgres); ``drop`` deletes this generation.
+
+    ``publish`` must be idempotent: it also repairs readers left behind by a
+    rebuild that died after its switch. A store whose readers live in the
+    same Postgres database may set the class attribute
+    ``publish_in_transaction = True``: a rebuild then publishes inside its
+    switch transaction, atomically with the generation record; any other
+    store is published right after that commit (see :mod:`engine.rebuild`).
     """
 
     generation: int
