@@ -14,49 +14,19 @@ import asyncio
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from engine import CommandBus, OutboxRelay, Resources, Settings
 from engine.daemon import build_runner
 from engine.runner import ProjectionRunner
 from projections.orders import APP
 from tests.integration.read.expected import assert_projections_match, eventually
+from tests.integration.read.faults import (
+    assert_committed_to_the_end,
+    fast_detaching,
+    frozen_elasticsearch,
+    wait_for,
+)
 from tests.integration.read.scenario import populate
-from tests.integration.read.test_hung_store import frozen_elasticsearch, wait_for
-
-
-def fast_detaching(settings: Settings) -> Settings:
-    """Small batches and a one-batch queue: a lane with no answer is detached within a second."""
-    runner = settings.runner.model_copy(
-        update={
-            "batch_size": 10,
-            "lane_queue_batches": 1,
-            "slow_lane_timeout_s": 1.0,
-            "stall_timeout_s": 1.0,
-            "backoff_max_s": 0.5,
-            "shutdown_timeout_s": 2.0,
-        }
-    )
-    return settings.model_copy(update={"runner": runner})
-
-
-async def assert_committed_to_the_end(settings: Settings) -> None:
-    """Every partition's committed offset (of the test's group) is the topic's end."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        group_id=settings.runner.group_id,
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    try:
-        partitions = [
-            TopicPartition(settings.kafka.topic, p) for p in range(settings.kafka.partitions)
-        ]
-        ends = await consumer.end_offsets(partitions)
-        committed = {tp: await consumer.committed(tp) or 0 for tp in partitions}
-        assert committed == ends
-    finally:
-        await consumer.stop()
 
 
 def _assigned(runner: ProjectionRunner) -> bool:

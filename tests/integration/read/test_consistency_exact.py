@@ -12,31 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
 from engine import (
-    Application,
     CommandBus,
     ConsistencyGate,
     ConsistencyToken,
     NotYetConsistentError,
     OutboxRelay,
-    Projection,
-    ProjectionStore,
     Resources,
     Settings,
 )
 from engine.daemon import build_runner
 from engine.errors import WriteNotAppliedError
 from engine.partitioning import partition_for
-from engine.stores.postgres import PostgresDocumentStore
 from projections.orders import APP, ConfirmOrder, CreateOrder, OrderItemRequest
-from projections.orders.wiring import build_projections
 from tests.helpers import ADDRESS, new_customer, new_product
-from tests.integration.read.test_dead_letters import Fussy
+from tests.integration.read.fussy import Fussy, app_with_fussy
 
 PROJECTIONS = ("order_details", "order_quick_lookup", "customer_orders", "order_search")
 HOLD = 0x686F6C64  # the advisory lock the trigger waits for
@@ -182,12 +177,7 @@ async def test_a_dead_lettered_write_is_reported_not_passed(
 ) -> None:
     Fussy.refused = {"Poison Pill"}
 
-    def projections(res: Resources) -> Sequence[tuple[Projection, ProjectionStore]]:
-        fussy = Fussy()
-        store = PostgresDocumentStore(res.pool, fussy, "fussy_orders", Fussy.SCHEMA)
-        return [*build_projections(res), (fussy, store)]
-
-    app = Application("orders+fussy", APP.migrations, APP.handlers, APP.registry, projections)
+    app = app_with_fussy()
     partitions = settings_for_test.kafka.partitions
     bad, product = await new_customer(bus, "Poison Pill"), await new_product(bus)
     refused_id, fine_id = _same_partition_ids(partitions)

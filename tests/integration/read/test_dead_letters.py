@@ -4,58 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
-from typing import ClassVar
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
 from engine import (
-    Application,
     CommandBus,
-    Document,
-    DocumentProjection,
     OutboxRelay,
-    PostgresDocumentStore,
-    Projected,
-    Projection,
-    ProjectionStore,
     Resources,
     Settings,
 )
 from engine.daemon import build_runner
 from engine.dlq import replay
 from engine.postgres.deadletters import DeadLetterStore
-from projections.orders import APP, ConfirmOrder
-from projections.orders.events import OrderCreated
-from projections.orders.wiring import build_projections
+from projections.orders import ConfirmOrder
 from tests.helpers import new_customer, new_order, new_product, run_engine
-
-
-class Fussy(DocumentProjection):
-    """Refuses orders of one customer until told otherwise: a projection with a bug."""
-
-    name = "fussy"
-    handles = frozenset({OrderCreated.event_type})
-    refused: ClassVar[set[str]] = set()
-    SCHEMA = (
-        "CREATE TABLE IF NOT EXISTS {table} (id text PRIMARY KEY, name text, version int NOT NULL)"
-    )
-
-    def apply(self, doc: Document | None, item: Projected) -> Document:
-        assert isinstance(item.event, OrderCreated)
-        if item.event.customer_name in self.refused:
-            raise ValueError(f"cannot handle {item.event.customer_name}")
-        return {"name": item.event.customer_name}
-
-
-def _app_with_fussy() -> Application:
-    def projections(resources: Resources) -> Sequence[tuple[Projection, ProjectionStore]]:
-        fussy = Fussy()
-        store = PostgresDocumentStore(resources.pool, fussy, "fussy_orders", Fussy.SCHEMA)
-        return [*build_projections(resources), (fussy, store)]
-
-    return Application("orders+fussy", APP.migrations, APP.handlers, APP.registry, projections)
+from tests.integration.read.fussy import Fussy, app_with_fussy
 
 
 async def _relay(settings: Settings) -> None:
@@ -66,7 +30,7 @@ async def test_poison_goes_to_the_dead_letters_and_the_partition_keeps_flowing(
     bus: CommandBus, pool: asyncpg.Pool, settings_for_test: Settings, resources: Resources
 ) -> None:
     Fussy.refused = {"Poison Pill"}
-    app = _app_with_fussy()
+    app = app_with_fussy()
     good = await new_customer(bus, "Ada Lovelace")
     bad = await new_customer(bus, "Poison Pill")
     product = await new_product(bus)

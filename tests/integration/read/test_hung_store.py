@@ -10,12 +10,8 @@ once with "connection refused" and is a different, easier case
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
-from pathlib import Path
+from collections.abc import Sequence
 
 import asyncpg
 import pytest
@@ -24,50 +20,12 @@ from engine import CommandBus, OutboxRelay, Resources, Settings
 from engine.consistency import ConsistencyGate, ConsistencyToken
 from engine.daemon import build_runner
 from engine.projection import Projected
-from engine.stack import StackManager
-from engine.stack.process import running
 from engine.stores.redis import RedisHashStore
 from projections.orders import APP, ConfirmOrder
 from tests.helpers import new_customer, new_order, new_product
 from tests.integration.read.expected import assert_projections_match, eventually
+from tests.integration.read.faults import frozen_elasticsearch
 from tests.integration.read.scenario import populate
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (the Elasticsearch launcher and its server JVM)."""
-    found = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children = (task / "children").read_text().split()
-        for child in children:
-            found.extend(_tree(int(child)))
-    return found
-
-
-@asynccontextmanager
-async def frozen_elasticsearch(settings: Settings) -> AsyncIterator[None]:
-    """Elasticsearch frozen (SIGSTOP) inside the block, always resumed (SIGCONT) after it."""
-    manager = StackManager(settings, lambda _line: None)
-    proc = running(manager.layout.pid_file("elasticsearch"))
-    if proc is None:
-        pytest.skip("Elasticsearch is not run by the native local stack here; cannot freeze it")
-    pids = _tree(proc.pid)
-    try:
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        yield
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
-
-
-async def wait_for(condition: Callable[[], bool], what: str, timeout_s: float) -> None:
-    """Wait until ``condition()`` is true, polling; fail naming ``what`` after ``timeout_s``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not condition():
-        assert loop.time() < deadline, f"timed out after {timeout_s}s waiting for {what}"
-        await asyncio.sleep(0.05)
-
 
 # Everything but search: Postgres views and the Redis quick lookup.
 NOT_SEARCH = ["customer_orders", "order_details", "order_quick_lookup", "order_stats"]

@@ -25,9 +25,13 @@ from tests.integration.read.expected import (
     assert_projections_match,
     eventually,
 )
+from tests.integration.read.faults import (
+    assert_committed_to_the_end,
+    fast_detaching,
+    frozen_elasticsearch,
+    wait_for,
+)
 from tests.integration.read.scenario import populate
-from tests.integration.read.test_catch_up import assert_committed_to_the_end, fast_detaching
-from tests.integration.read.test_hung_store import frozen_elasticsearch, wait_for
 
 
 async def delete_everything_published(settings: Settings) -> None:

@@ -95,13 +95,20 @@ async def _wait_until_published(
 
 
 async def _wait_for_standby(pool: asyncpg.Pool, logs: list[Path]) -> None:
-    """Until two relay sessions exist in this database, one of them asking for the lock."""
+    """Until a second relay session exists in this database and has asked for the lock.
+
+    A relay's first statement on its connection is its attempt to take the
+    lock, so a relay session that has run a statement and holds no advisory
+    lock is a standby that asked. (Matching the text of its *last* statement
+    would race with the lease check it runs right after each attempt.)
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 60
     while True:
         waiting = await pool.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND pid <> pg_backend_pid() AND query LIKE '%pg_try_advisory_lock%'"
+            " AND pid <> pg_backend_pid() AND application_name LIKE 'engine-relay:%'"
+            " AND query <> ''"
             " AND pid NOT IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)"
         )
         if waiting:

@@ -1,0 +1,92 @@
+"""Faults the daemon's tests inject into the real stack, and waiting on their effects.
+
+Elasticsearch is frozen with SIGSTOP, not stopped: its sockets stay open and
+every request simply gets no answer, which is what a hung store (GC pause, VM
+freeze, a wedged disk) looks like to the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from engine import Settings
+from engine.stack import StackManager
+from engine.stack.process import running
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (the Elasticsearch launcher and its server JVM)."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        for child in children:
+            found.extend(_tree(int(child)))
+    return found
+
+
+@asynccontextmanager
+async def frozen_elasticsearch(settings: Settings) -> AsyncIterator[None]:
+    """Elasticsearch frozen (SIGSTOP) inside the block, always resumed (SIGCONT) after it."""
+    manager = StackManager(settings, lambda _line: None)
+    proc = running(manager.layout.pid_file("elasticsearch"))
+    if proc is None:
+        pytest.skip("Elasticsearch is not run by the native local stack here; cannot freeze it")
+    pids = _tree(proc.pid)
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+async def wait_for(condition: Callable[[], bool], what: str, timeout_s: float) -> None:
+    """Wait until ``condition()`` is true, polling; fail naming ``what`` after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, f"timed out after {timeout_s}s waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def fast_detaching(settings: Settings) -> Settings:
+    """Small batches and a one-batch queue: a lane with no answer is detached within a second."""
+    runner = settings.runner.model_copy(
+        update={
+            "batch_size": 10,
+            "lane_queue_batches": 1,
+            "slow_lane_timeout_s": 1.0,
+            "stall_timeout_s": 1.0,
+            "backoff_max_s": 0.5,
+            "shutdown_timeout_s": 2.0,
+        }
+    )
+    return settings.model_copy(update={"runner": runner})
+
+
+async def assert_committed_to_the_end(settings: Settings) -> None:
+    """Every partition's committed offset (of the test's group) is the topic's end."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=settings.runner.group_id,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        partitions = [
+            TopicPartition(settings.kafka.topic, p) for p in range(settings.kafka.partitions)
+        ]
+        ends = await consumer.end_offsets(partitions)
+        committed = {tp: await consumer.committed(tp) or 0 for tp in partitions}
+        assert committed == ends
+    finally:
+        await consumer.stop()
