@@ -96,7 +96,10 @@ class ProjectionStatus(_Model):
     """The last failure the daemon recorded for this projection (it may since have recovered)."""
     last_error_at: datetime | None = None
     error_current: bool = False
-    """True when no batch finished after the last error: the projection is failing now."""
+    """True when nothing succeeded after the last error (no batch, no set-up): failing now."""
+    recovered_at: datetime | None = None
+    """When the daemon last recorded a success after ``last_error`` (a batch or a set-up);
+    None while the error is current or if there was none."""
     partitions: list[PartitionLag] = []
 
     @computed_field  # type: ignore[prop-decorator]
@@ -179,6 +182,7 @@ def _projection(
         )
     # A failure before any finished batch creates the row with both times set to one now().
     never_finished = checkpoint.updated_at == checkpoint.last_error_at
+    current = checkpoint.error_current
     return ProjectionStatus(
         name=name,
         position=checkpoint.last_position,
@@ -188,10 +192,19 @@ def _projection(
         dead_letters=dead_letters,
         last_error=checkpoint.last_error,
         last_error_at=checkpoint.last_error_at,
-        error_current=checkpoint.last_error_at is not None
-        and checkpoint.last_error_at >= checkpoint.updated_at,
+        error_current=current,
+        recovered_at=None if current else _recovered_at(checkpoint, never_finished),
         partitions=partitions,
     )
+
+
+def _recovered_at(checkpoint: Checkpoint, never_finished: bool) -> datetime | None:
+    """The latest success recorded after the last error (the error is not current)."""
+    if checkpoint.last_error_at is None:
+        return None
+    successes = [checkpoint.recovered_at, None if never_finished else checkpoint.updated_at]
+    after = [t for t in successes if t is not None and t > checkpoint.last_error_at]
+    return max(after, default=None)
 
 
 def _lag_seconds(partitions: Sequence[PartitionLag], now: datetime) -> float | None:

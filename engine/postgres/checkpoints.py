@@ -11,6 +11,14 @@ Two tables, written together after every batch a lane finishes:
   not exact there: positions commit out of order, see
   :mod:`engine.consistency`); ``engine status`` computes lag from the offsets.
 
+An error stays recorded after the projection recovers (operators want to see
+what went wrong), so whether it is still *current* is told by time: it is
+current unless something succeeded after it. A finished batch moves
+``updated_at``; a finished set-up, which finishes no batch, is recorded as
+``recovered_at`` (:meth:`CheckpointStore.recovered`). Without the latter, an
+error a daemon hit while setting up (another daemon racing it, a store still
+starting) would look current until the next event arrived, maybe hours later.
+
 Neither makes application idempotent (that lives with each store's effect),
 so writing them is best effort: a lost row only delays a reader.
 """
@@ -41,6 +49,12 @@ PROGRESS_MIGRATIONS = (
         );
         """,
     ),
+    Migration(
+        "engine-0008-checkpoint-recovery",
+        """
+        ALTER TABLE engine_projection_checkpoints ADD COLUMN recovered_at timestamptz;
+        """,
+    ),
 )
 
 
@@ -53,6 +67,19 @@ class Checkpoint:
     last_error: str | None
     last_error_at: datetime | None
     updated_at: datetime
+    recovered_at: datetime | None = None
+    """When something other than a batch (a set-up) last succeeded after an error."""
+
+    @property
+    def error_current(self) -> bool:
+        """The last error is the latest news: no batch or set-up succeeded after it."""
+        if self.last_error_at is None:
+            return False
+        # >=: failed() on a new row sets both to the same now(), and no batch finished.
+        after_batches = self.last_error_at >= self.updated_at
+        return after_batches and (
+            self.recovered_at is None or self.last_error_at > self.recovered_at
+        )
 
 
 @dataclass(frozen=True)
@@ -123,10 +150,22 @@ class CheckpointStore:
             error[:2000],
         )
 
+    async def recovered(self, projection: str) -> None:
+        """Record that the projection works again (its store is set up) after an error.
+
+        A no-op without an error to recover from. Batches need no call: the
+        ``updated_at`` of :meth:`advance` tells the same.
+        """
+        await self._pool.execute(
+            "UPDATE engine_projection_checkpoints SET recovered_at = now()"
+            " WHERE projection = $1 AND last_error_at IS NOT NULL",
+            projection,
+        )
+
     async def all(self) -> list[Checkpoint]:
         rows = await self._pool.fetch(
             "SELECT projection, last_position, last_event_at, applied, last_error, last_error_at,"
-            " updated_at FROM engine_projection_checkpoints ORDER BY projection"
+            " updated_at, recovered_at FROM engine_projection_checkpoints ORDER BY projection"
         )
         return [Checkpoint(**dict(r)) for r in rows]
 

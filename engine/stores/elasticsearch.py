@@ -17,6 +17,19 @@ set rejects any write whose base moved, and the fold skips versions at or below
 
 The projection writes through an alias (``{alias}`` -> ``{alias}-v{n}``) so a
 rebuild can fill a new index and switch the alias atomically.
+
+Set-up is safe to run from several daemons at once. Both steps check first
+and then act, so two daemons starting together both see "missing" and both
+create: the index creation that loses answers 400
+``resource_already_exists_exception``, which here means exactly what was
+wanted (the index of this generation exists, with the mappings every daemon
+of this version asks for), so it counts as success. Adding the alias needs no
+such care: adding an alias an index already has is acknowledged, so racers
+pointing it at the same generation's index all succeed. Set-up only creates
+an alias where there is none; moving it between generations is
+:meth:`publish`'s job (one atomic update, run after set-up whenever a
+generation is taken up), so even racers of two generations on a fresh
+cluster, which could both add it, leave it on one index once published.
 """
 
 from __future__ import annotations
@@ -24,7 +37,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from elasticsearch import ApiError, AsyncElasticsearch, NotFoundError, TransportError
+from elasticsearch import (
+    ApiError,
+    AsyncElasticsearch,
+    BadRequestError,
+    NotFoundError,
+    TransportError,
+)
 
 from engine.errors import PoisonError, ServiceUnavailableError, TransientError
 from engine.projection import Document, DocumentProjection, Projected, fold_and_write
@@ -70,17 +89,27 @@ class ElasticsearchDocumentStore:
             if not await self._client.indices.exists(index=self.index):
                 await self.create_index(self.index)
             if not await self._client.indices.exists_alias(name=self.alias):
+                # Idempotent for one index: racers of this generation all succeed.
                 await self._client.indices.put_alias(index=self.index, name=self.alias)
         except TransportError as exc:
             raise ServiceUnavailableError("Elasticsearch", str(exc)) from exc
 
     async def create_index(self, index: str) -> None:
+        """Create ``index`` with this store's mappings; one that already exists is success.
+
+        Another daemon setting up the same generation may create it between
+        our check and our request (see the module docstring).
+        """
         properties = {**self._mappings.get("properties", {}), VERSION_FIELD: {"type": "integer"}}
-        await self._client.indices.create(
-            index=index,
-            mappings={**self._mappings, "properties": properties},
-            settings=self._settings,
-        )
+        try:
+            await self._client.indices.create(
+                index=index,
+                mappings={**self._mappings, "properties": properties},
+                settings=self._settings,
+            )
+        except BadRequestError as exc:
+            if exc.error != "resource_already_exists_exception":
+                raise
 
     async def publish(self, conn: object) -> None:
         """Move the alias to this generation's index alone, in one atomic alias update.

@@ -11,6 +11,19 @@ of folding from a stale base.
 - :class:`PostgresSqlStore`: free-form SQL; progress is a row per
   (projection, aggregate) in ``engine_projection_versions``, read ``FOR
   UPDATE``-equivalent (advisory lock) and advanced in the same transaction.
+
+Set-up is safe to run from several daemons at once. ``CREATE TABLE IF NOT
+EXISTS`` is not: "if not exists" is checked against the catalogue before the
+row is inserted, so two transactions creating the same table both pass the
+check and the second fails on the catalogue's unique index
+(``pg_type_typname_nsp_index``); ``CREATE VIEW`` after a look-up races the
+same way. So each set-up transaction first takes a transaction-scoped advisory
+lock per readers' view it serves (the name every generation shares), in sorted
+order: set-ups of one projection run one after the other, and the second sees
+the first's committed tables and view (catalogue look-ups do not use the
+transaction's snapshot) and creates nothing. The lock is released at commit or
+rollback, so a crashed daemon holds nothing; set-up is rare and short, so
+serializing it costs nothing worth measuring.
 """
 
 from __future__ import annotations
@@ -39,6 +52,12 @@ PROJECTION_MIGRATIONS = (
         """,
     ),
 )
+
+# A prefix of its own keeps these keys apart from the per-aggregate ones below.
+_LOCK_SETUP = """
+    SELECT pg_advisory_xact_lock(hashtextextended('engine-setup:' || v, 0))
+    FROM unnest($1::text[]) AS v ORDER BY v
+"""
 
 _LOCK_KEYS = """
     SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || k, 0))
@@ -109,6 +128,7 @@ class PostgresDocumentStore:
     async def setup(self) -> None:
         """Create this generation's table; create the readers' view if there is none yet."""
         async with self._pool.acquire() as conn, conn.transaction():
+            await lock_setup(conn, [self.view])  # see the module docstring
             await conn.execute(self._schema.format(table=self.table))
             await ensure_view(conn, self.view, self.table)
 
@@ -194,7 +214,9 @@ class PostgresSqlStore:
         return PostgresSqlStore(self._pool, self._projection, generation=generation)
 
     async def setup(self) -> None:
+        """Create this generation's tables; create the readers' views that do not exist yet."""
         async with self._pool.acquire() as conn, conn.transaction():
+            await lock_setup(conn, list(self._tables))  # see the module docstring
             if self._projection.schema:
                 await conn.execute(self._projection.schema.format(**self._tables))
             for view, table in self._tables.items():
@@ -255,12 +277,20 @@ class PostgresSqlStore:
         return None
 
 
+async def lock_setup(conn: Connection, views: Sequence[str]) -> None:
+    """Serialize set-up of these readers' views until the transaction ends (module docstring)."""
+    await conn.execute(_LOCK_SETUP, list(views))
+
+
 async def ensure_view(conn: Connection, view: str, table: str) -> None:
     """Create the readers' view over ``table`` unless it exists.
 
     A *table* under the view's name (left by a version before generations)
     would silently shadow the projection: refuse it, saying how to fix it.
+    Run it in a transaction: the set-up lock it takes (again, if the caller
+    did) is what makes look-up-then-create safe against another daemon.
     """
+    await lock_setup(conn, [view])
     kind = await conn.fetchval(
         "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)", view
     )
