@@ -35,6 +35,7 @@ from engine.generations import GenerationFence, take_up
 from engine.postgres.checkpoints import CheckpointStore, PartitionProgress
 from engine.postgres.deadletters import DeadLetterStore, NewDeadLetter
 from engine.projection import Projected, Projection, ProjectionStore, RebuildableStore
+from engine.retry import Backoff, any_error, retrying
 from engine.settings import RunnerSettings
 
 log = logging.getLogger("engine.runner")
@@ -143,19 +144,14 @@ class Lane:
         A rebuildable store is set up by taking up its current generation,
         which also repairs readers' pointers a crashed rebuild left behind.
         """
-        delay = self._settings.backoff_initial_s
-        while True:
-            try:
-                async with self._current_store() as store:
-                    if self._taken_up is None:  # not rebuildable: nothing took it up
-                        await store.setup()
-            except Exception as exc:
-                await self._note_failure(exc)
-                await asyncio.sleep(self._backoff(delay))
-                delay = min(self._settings.backoff_max_s, delay * 2)
-            else:
-                self.ready.set()
-                return
+
+        async def set_up() -> None:
+            async with self._current_store() as store:
+                if self._taken_up is None:  # not rebuildable: nothing took it up
+                    await store.setup()
+
+        await retrying(set_up, self._backoff(), retry_if=any_error, on_failure=self._note_failure)
+        self.ready.set()
 
     async def process(self, batch: Batch) -> None:
         wanted = [d for d in batch if d.item is not None and self.projection.wants(d.item.envelope)]
@@ -171,49 +167,55 @@ class Lane:
     async def _apply(self, deliveries: list[Delivery]) -> int:
         """Apply ``deliveries``; the number of changes the store made."""
         attempts = 0
-        delay = self._settings.backoff_initial_s
-        while True:
-            try:
-                changed = await self._store_apply([d.item for d in deliveries if d.item])
-            except TransientError as exc:
-                await self._note_failure(exc)
-            except Exception as exc:  # the projection's own code: a bug or a poison event
-                attempts += 1
-                await self._note_failure(exc)
-                if attempts >= self._settings.max_attempts:
-                    return await self._isolate_poison(deliveries, attempts)
-            else:
-                self._done(changed)
-                return changed
-            await asyncio.sleep(self._backoff(delay))
-            delay = min(self._settings.backoff_max_s, delay * 2)
+
+        def worth_retrying(exc: Exception) -> bool:
+            # An outage is waited out for ever and counts for nothing; anything
+            # else is the projection's own code (a bug or a poison event), which
+            # gets max_attempts tries in all before the batch is taken apart.
+            nonlocal attempts
+            if isinstance(exc, TransientError):
+                return True
+            attempts += 1
+            return attempts < self._settings.max_attempts
+
+        items = [d.item for d in deliveries if d.item]
+        try:
+            changed = await retrying(
+                functools.partial(self._store_apply, items),
+                self._backoff(),
+                retry_if=worth_retrying,
+                on_failure=self._note_failure,
+            )
+        except Exception as exc:  # the last of max_attempts failures that were not outages
+            await self._note_failure(exc)
+            return await self._isolate_poison(deliveries, attempts)
+        self._done(changed)
+        return changed
 
     async def _isolate_poison(self, deliveries: list[Delivery], attempts: int) -> int:
         """Apply one event at a time; dead-letter exactly the ones that still fail."""
         total = 0
         for delivery in deliveries:
-            delay = self._settings.backoff_initial_s
-            while True:
-                try:
-                    changed = await self._store_apply([delivery.item] if delivery.item else [])
-                except TransientError as exc:
-                    await self._note_failure(exc)
-                    await asyncio.sleep(self._backoff(delay))
-                    delay = min(self._settings.backoff_max_s, delay * 2)
-                    continue
-                except Exception as exc:
-                    log.error(
-                        "%s: dead-lettering offset %s of %s: %s",
-                        self.name,
-                        delivery.offset,
-                        delivery.tp,
-                        exc,
-                    )
-                    await self._record(dead_letter(delivery, self.name, exc, attempts))
-                else:
-                    self._done(changed)
-                    total += changed
-                break
+            items = [delivery.item] if delivery.item else []
+            try:
+                # Only an outage is retried here: the event already had its attempts.
+                changed = await retrying(
+                    functools.partial(self._store_apply, items),
+                    self._backoff(),
+                    on_failure=self._note_failure,
+                )
+            except Exception as exc:
+                log.error(
+                    "%s: dead-lettering offset %s of %s: %s",
+                    self.name,
+                    delivery.offset,
+                    delivery.tp,
+                    exc,
+                )
+                await self._record(dead_letter(delivery, self.name, exc, attempts))
+            else:
+                self._done(changed)
+                total += changed
         return total
 
     async def _store_apply(self, items: list[Projected]) -> int:
@@ -252,18 +254,22 @@ class Lane:
 
     async def _record(self, letter: NewDeadLetter) -> None:
         """Record a dead letter, waiting out a Postgres outage: skipping it silently is loss."""
-        delay = self._settings.backoff_initial_s
-        while True:
-            try:
-                await self._dead_letters.record([letter])
-                return
-            except Exception as exc:
-                log.warning("%s: cannot record a dead letter yet: %s", self.name, exc)
-                await asyncio.sleep(self._backoff(delay))
-                delay = min(self._settings.backoff_max_s, delay * 2)
 
-    def _backoff(self, delay: float) -> float:
-        return min(self._settings.backoff_max_s, delay) * (0.5 + self._jitter() / 2)
+        async def warn(exc: Exception) -> None:
+            log.warning("%s: cannot record a dead letter yet: %s", self.name, exc)
+
+        await retrying(
+            functools.partial(self._dead_letters.record, [letter]),
+            self._backoff(),
+            retry_if=any_error,
+            on_failure=warn,
+        )
+
+    def _backoff(self) -> Backoff:
+        """A fresh backoff for one retried step (each starts short)."""
+        return Backoff(
+            self._settings.backoff_initial_s, self._settings.backoff_max_s, jitter=self._jitter
+        )
 
     async def _note_failure(self, exc: BaseException) -> None:
         self.failing = f"{type(exc).__name__}: {exc}"

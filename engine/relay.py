@@ -89,6 +89,7 @@ from engine.events import EventEnvelope
 from engine.partitioning import partition_for
 from engine.postgres import outbox
 from engine.postgres.pool import CONNECTION_ERRORS, not_migrated
+from engine.retry import Backoff
 from engine.settings import KafkaSettings, PostgresSettings, RelaySettings, env_var
 from engine.topics import ensure_topic
 
@@ -197,11 +198,16 @@ class OutboxRelay:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until ``stop`` is set, surviving outages of Postgres and Kafka."""
-        delay = self._settings.backoff_initial_s
+        # Not engine.retry.retrying: this loop never ends in a success (leading
+        # ends only when stop is set), a refusal waits without backing off, and
+        # every wait must end as soon as stop is set.
+        backoff = Backoff(
+            self._settings.backoff_initial_s, self._settings.backoff_max_s, jitter=self._jitter
+        )
         while not stop.is_set():
             try:
                 await self._lead(stop, until_caught_up=False)
-                delay = self._settings.backoff_initial_s
+                backoff.reset()
             except _PartitionMismatch as exc:
                 # Not fatal: `engine up` would take the daemon and the API down with us.
                 wait = self._settings.backoff_max_s
@@ -210,12 +216,11 @@ class OutboxRelay:
             except (KafkaError, TransientError, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                 self.stats.failures += 1
                 self.is_leader = False
-                wait = min(self._settings.backoff_max_s, delay) * (0.5 + self._jitter() / 2)
+                wait = backoff.next_delay()
                 log.warning(
                     "%s: %s: %s; retrying in %.1fs", self.name, type(exc).__name__, exc, wait
                 )
                 await _wait(stop, wait)
-                delay = min(self._settings.backoff_max_s, delay * 2)
 
     async def drain(self) -> int:
         """Publish everything committed now, then return the number of events published.
