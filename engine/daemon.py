@@ -12,10 +12,19 @@ from engine.resources import Resources
 from engine.runner import ProjectionRunner
 
 
-def build_runner(application: Application, resources: Resources) -> ProjectionRunner:
-    """A runner with one lane per projection of ``application``."""
+def build_runner(
+    application: Application,
+    resources: Resources,
+    *,
+    dead_letters: DeadLetterStore | None = None,
+) -> ProjectionRunner:
+    """A runner with one lane per projection of ``application``.
+
+    ``dead_letters`` defaults to the store in ``resources``' database (a test
+    passes its own to inject faults).
+    """
     settings = resources.settings
-    dead_letters = DeadLetterStore(resources.pool)
+    dead_letters = dead_letters or DeadLetterStore(resources.pool)
     checkpoints = CheckpointStore(resources.pool)
     lanes = [
         Lane(

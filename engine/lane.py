@@ -151,6 +151,11 @@ class Lane:
                     await store.setup()
 
         await retrying(set_up, self._backoff(), retry_if=any_error, on_failure=self._note_failure)
+        if self.failing is not None:
+            # Set up after a failure: say it is over (before ready, so it is on record
+            # before anything else of the lane's can be observed).
+            self.failing = None
+            await _best_effort(self._checkpoints.recovered(self.name))
         self.ready.set()
 
     async def process(self, batch: Batch) -> None:

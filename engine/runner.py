@@ -101,6 +101,7 @@ from engine.postgres.checkpoints import CheckpointStore
 from engine.postgres.deadletters import ALL_PROJECTIONS, DeadLetterStore, NewDeadLetter
 from engine.projection import Projected
 from engine.registry import EventRegistry
+from engine.retry import Backoff, any_error, retrying
 from engine.settings import KafkaSettings, RunnerSettings
 
 log = logging.getLogger("engine.runner")
@@ -236,8 +237,25 @@ class ProjectionRunner:
                     )
                 )
         if record_poison and poison:
-            await self._dead_letters.record(poison)
+            await self._record_poison(poison)
         return batch
+
+    async def _record_poison(self, poison: list[NewDeadLetter]) -> None:
+        """Record undecodable messages before dispatching past them, waiting out an outage.
+
+        Dispatching past a message whose letter is not recorded would lose it
+        once the offset is committed; ending the daemon instead would restart it
+        at the same offset, fail again and never get past (a crash loop for the
+        length of the outage). So the dispatcher waits here, with backoff.
+        """
+
+        async def note(exc: Exception) -> None:
+            log.warning("cannot record %d dead letter(s) yet: %s", len(poison), exc)
+
+        backoff = Backoff(self._settings.backoff_initial_s, self._settings.backoff_max_s)
+        await retrying(
+            lambda: self._dead_letters.record(poison), backoff, retry_if=any_error, on_failure=note
+        )
 
     async def _dispatch(self, batch: Batch) -> None:
         """Give the batch to every attached lane; a full queue is back-pressure or a detach."""

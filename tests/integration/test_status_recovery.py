@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import Sequence
 
 import asyncpg
-import pytest
 
 from engine import Resources
 from engine.lane import Lane
@@ -87,10 +86,6 @@ class _RacedOnce:
         await self._store.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Lane._setup (engine/lane.py) does not call CheckpointStore.recovered yet",
-)
 async def test_a_lane_that_recovers_during_set_up_is_not_shown_failing(
     settings_for_test: Settings, pool: asyncpg.Pool, resources: Resources
 ) -> None:

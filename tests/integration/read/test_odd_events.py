@@ -1,5 +1,9 @@
 """Odd events never stop the daemon: each is dead-lettered and its partition flows on.
 
+(And poison that arrives while its dead letter cannot be recorded waits for
+Postgres, instead of ending the daemon, which would restart at the same offset
+and end again for as long as the outage lasts.)
+
 Each message here is produced straight to the topic, as a buggy or newer
 producer would: an envelope whose ``occurred_at`` has no time zone (next to
 events that have one), and an old ``OrderShipped`` v1 whose payload lacks the
@@ -13,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Sequence
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from engine import CommandBus, OutboxRelay, Resources, Settings
+from engine import CommandBus, OutboxRelay, Resources, ServiceUnavailableError, Settings
 from engine.daemon import build_runner
 from engine.partitioning import partition_for
-from engine.postgres.deadletters import DeadLetterStore
+from engine.postgres.deadletters import DeadLetterStore, NewDeadLetter
 from projections.orders import APP, ConfirmOrder
 from tests.helpers import new_customer, new_order, new_product
 
@@ -94,3 +99,49 @@ async def test_naive_times_and_failing_upcasters_are_dead_lettered_not_fatal(
     assert all(d.projection == "*" for d in letters)
     errors = " | ".join(d.error for d in letters)
     assert "time zone" in errors and "tracking_code" in errors, errors
+
+
+class _Outage(DeadLetterStore):
+    """The real dead-letter store, unreachable for its first ``failures`` writes."""
+
+    def __init__(self, pool: asyncpg.Pool, failures: int) -> None:
+        super().__init__(pool)
+        self.failures = failures
+
+    async def record(self, letters: Sequence[NewDeadLetter]) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise ServiceUnavailableError("PostgreSQL", "127.0.0.1:54329 (fault injected)")
+        await super().record(letters)
+
+
+async def test_poison_arriving_while_dead_letters_cannot_be_recorded_waits_instead_of_crashing(
+    bus: CommandBus, pool: asyncpg.Pool, settings_for_test: Settings, resources: Resources
+) -> None:
+    kafka = settings_for_test.kafka
+    customer, product = await new_customer(bus), await new_product(bus)
+    order = (await new_order(bus, customer, [(product, 1)])).aggregate_id
+    await OutboxRelay(settings_for_test.postgres, kafka, settings_for_test.relay).drain()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            kafka.topic,
+            b"\x00not json",
+            key=order.encode(),
+            partition=partition_for(order, kafka.partitions),
+        )
+    finally:
+        await producer.stop()
+    await bus.execute(ConfirmOrder(order_id=uuid.UUID(order)))
+    await OutboxRelay(settings_for_test.postgres, kafka, settings_for_test.relay).drain()
+
+    outage = _Outage(pool, failures=3)
+    runner = build_runner(APP, resources, dead_letters=outage)
+    await asyncio.wait_for(runner.run(asyncio.Event(), until_caught_up=True), timeout=90)
+
+    assert outage.failures == 0
+    letters = await DeadLetterStore(pool).list()
+    assert [(d.projection, d.value) for d in letters] == [("*", b"\x00not json")]
+    row = await pool.fetchrow("SELECT status, version FROM order_details WHERE id = $1", order)
+    assert row is not None and (row["status"], row["version"]) == ("CONFIRMED", 2)
