@@ -11,6 +11,17 @@ back only its own lane. Failures are handled by kind:
   only the events that still fail are dead-lettered, so one bad event never
   blocks its partition.
 
+A dead letter parks its aggregate (see :mod:`engine.postgres.deadletters` for
+the argument): before applying, the lane records the events of parked
+aggregates that lie behind the hole as letters parked behind the first one,
+and applies only the rest. An event the lane itself dead-letters parks its
+aggregate for this projection, so the aggregate's later events of the same
+batch, isolated one by one, are parked too. The check (one indexed query per
+batch) and recording a parked letter wait out a Postgres outage like any dead
+letter, so while Postgres is down every lane waits, whatever its store:
+applying an event unchecked could fold it over a hole, and skipping it would
+lose it.
+
 ``next_offset[tp]`` is the lowest offset of partition ``tp`` this lane has not
 finished; the runner commits, per partition, the minimum over all lanes.
 """
@@ -19,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import random
 import time
@@ -61,10 +73,34 @@ class Batch(list[Delivery]):
         return progress_of(self)
 
 
+def aggregate_of(delivery: Delivery) -> tuple[str | None, int | None]:
+    """The aggregate id and version of a message, as far as it tells them.
+
+    A decoded envelope tells both. An undecodable message may still be a JSON
+    object naming them (an unknown event type or schema version); otherwise
+    the Kafka key names the aggregate and its version is unknown.
+    """
+    if delivery.item is not None:
+        envelope = delivery.item.envelope
+        return envelope.aggregate_id, envelope.aggregate_version
+    try:
+        body = json.loads(delivery.value or b"")
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        aggregate_id, version = body.get("aggregate_id"), body.get("aggregate_version")
+        if isinstance(aggregate_id, str) and type(version) is int:
+            return aggregate_id, version
+    key = delivery.key.decode(errors="replace") if delivery.key else None
+    return key, None
+
+
 def dead_letter(
-    delivery: Delivery, projection: str, error: BaseException, attempts: int
+    delivery: Delivery, projection: str, error: BaseException | str, attempts: int
 ) -> NewDeadLetter:
     headers = {k: v.decode(errors="replace") for k, v in delivery.headers}
+    aggregate_id, version = aggregate_of(delivery)
+    reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     return NewDeadLetter(
         projection=projection,
         topic=delivery.tp.topic,
@@ -74,8 +110,10 @@ def dead_letter(
         value=delivery.value,
         headers=headers,
         event_type=headers.get("event_type"),
-        error=f"{type(error).__name__}: {error}",
+        error=reason,
         attempts=attempts,
+        aggregate_id=aggregate_id,
+        aggregate_version=version,
     )
 
 
@@ -160,6 +198,7 @@ class Lane:
 
     async def process(self, batch: Batch) -> None:
         wanted = [d for d in batch if d.item is not None and self.projection.wants(d.item.envelope)]
+        wanted = await self._hold_parked(wanted)
         changed = await self._apply(wanted) if wanted else 0
         for delivery in batch:
             done = delivery.offset + 1
@@ -201,6 +240,9 @@ class Lane:
         """Apply one event at a time; dead-letter exactly the ones that still fail."""
         total = 0
         for delivery in deliveries:
+            # An event dead-lettered just before may have parked this one's aggregate.
+            if not await self._hold_parked([delivery]):
+                continue
             items = [delivery.item] if delivery.item else []
             try:
                 # Only an outage is retried here: the event already had its attempts.
@@ -222,6 +264,38 @@ class Lane:
                 self._done(changed)
                 total += changed
         return total
+
+    async def _hold_parked(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """Park the deliveries behind a dead letter of their aggregate; the ones to apply."""
+        if not deliveries:
+            return deliveries
+        ids = [aggregate_id for d in deliveries if (aggregate_id := aggregate_of(d)[0])]
+
+        async def parked_ones() -> set[tuple[int, int]]:
+            # Unlocked first: almost always nothing is parked, and absence cannot be
+            # stale here (see engine.postgres.deadletters); presence is decided under lock.
+            parked = await self._dead_letters.parked_aggregates(self.name, ids)
+            candidates = [
+                self._parked_letter(d) for d in deliveries if aggregate_of(d)[0] in parked
+            ]
+            return await self._dead_letters.park_behind(candidates)
+
+        async def warn(exc: Exception) -> None:
+            log.warning("%s: cannot check or record parked events yet: %s", self.name, exc)
+
+        held = await retrying(parked_ones, self._backoff(), retry_if=any_error, on_failure=warn)
+        if held:
+            log.info("%s: parked %d event(s) behind dead letters", self.name, len(held))
+        return [d for d in deliveries if (d.tp.partition, d.offset) not in held]
+
+    def _parked_letter(self, delivery: Delivery) -> NewDeadLetter:
+        aggregate_id, version = aggregate_of(delivery)
+        return dead_letter(
+            delivery,
+            self.name,
+            f"parked: {aggregate_id} has an earlier event dead-lettered (this is v{version})",
+            attempts=0,
+        )
 
     async def _store_apply(self, items: list[Projected]) -> int:
         self.waiting_since = time.monotonic()

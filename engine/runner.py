@@ -247,6 +247,11 @@ class ProjectionRunner:
         once the offset is committed; ending the daemon instead would restart it
         at the same offset, fail again and never get past (a crash loop for the
         length of the outage). So the dispatcher waits here, with backoff.
+
+        Recording a letter whose aggregate and version are known parks that
+        aggregate for every projection (``*``) before the batch is dispatched,
+        so every lane finds the park when it reaches the aggregate's later
+        events (see :mod:`engine.postgres.deadletters`).
         """
 
         async def note(exc: Exception) -> None:

@@ -1,4 +1,4 @@
-"""Where each projection stands (position, lag, dead letters, last error), and the outbox.
+"""Where each projection stands (position, lag, dead letters, parked aggregates, last error).
 
 Cheap enough to answer on every ``GET /status``: a few indexed queries, one
 metadata and two offset requests to Kafka and, only for partitions a
@@ -40,7 +40,7 @@ from engine.errors import ServiceUnavailableError
 from engine.generations import current_generation
 from engine.postgres import outbox
 from engine.postgres.checkpoints import Checkpoint, CheckpointStore, PartitionProgress
-from engine.postgres.deadletters import DeadLetterStore
+from engine.postgres.deadletters import DeadLetterStore, Parked
 from engine.postgres.pool import CONNECTION_ERRORS, not_migrated, unavailable
 from engine.resources import Resources
 from engine.settings import KafkaSettings, Settings, env_var
@@ -74,6 +74,22 @@ class PartitionLag(_Model):
         return max(0, self.end_offset - self.next_offset)
 
 
+class ParkedAggregate(_Model):
+    """An aggregate whose events wait behind a dead letter (see ``engine dlq replay``)."""
+
+    aggregate_id: str
+    projection: str
+    """The projection it is parked for; ``*`` when for every projection (undecodable event)."""
+    version: int
+    """The version of the dead-lettered event; later versions wait behind it."""
+    first_letter: int
+    """The id of that dead letter: replaying it replays the aggregate's sequence in order."""
+    parked_letters: int
+    """Later events recorded as dead letters behind it, not replayed yet."""
+    reason: str
+    parked_at: datetime
+
+
 class ProjectionStatus(_Model):
     """How far one projection got, how far behind it is, and what went wrong."""
 
@@ -101,6 +117,14 @@ class ProjectionStatus(_Model):
     """When the daemon last recorded a success after ``last_error`` (a batch or a set-up);
     None while the error is current or if there was none."""
     partitions: list[PartitionLag] = []
+    parked: list[ParkedAggregate] = []
+    """Aggregates whose later events wait behind a dead letter, for this projection or ``*``."""
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def parked_aggregates(self) -> int:
+        """How many aggregates are parked (their events wait for ``engine dlq replay``)."""
+        return len(self.parked)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -111,8 +135,8 @@ class ProjectionStatus(_Model):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def healthy(self) -> bool:
-        """No current error and no dead letter waiting; lag alone is not a failure."""
-        return not self.error_current and self.dead_letters == 0
+        """No current error, no dead letter waiting, no aggregate parked; lag is no failure."""
+        return not self.error_current and self.dead_letters == 0 and not self.parked
 
 
 class OutboxStatus(_Model):
@@ -158,7 +182,9 @@ async def collect_status(
         projections=[
             _projection(
                 name, recorded.checkpoints.get(name), recorded.dead_letters[name], lags[name], now
-            ).model_copy(update={"generation": recorded.generations[name]})
+            ).model_copy(
+                update={"generation": recorded.generations[name], "parked": recorded.parked[name]}
+            )
             for name in names
         ],
         outbox=OutboxStatus(
@@ -230,6 +256,7 @@ class _Recorded:
     generations: dict[str, int]
     progress: dict[str, list[PartitionProgress]]
     dead_letters: dict[str, int]
+    parked: dict[str, list[ParkedAggregate]]
     backlog: outbox.Backlog
 
 
@@ -240,6 +267,7 @@ async def _read_postgres(pool: asyncpg.Pool, names: Sequence[str], settings: Set
         recorded = {c.projection: c for c in await checkpoints.all()}
         progress = {n: await checkpoints.progress(n, settings.kafka.topic) for n in names}
         dead_letters = {n: await letters.count(n) for n in names}
+        parked = {n: [_parked(p) for p in await letters.parked(n)] for n in names}
         async with pool.acquire() as conn:
             backlog = await outbox.pending_backlog(conn)
             generations = {n: await current_generation(conn, n) for n in names}
@@ -247,7 +275,19 @@ async def _read_postgres(pool: asyncpg.Pool, names: Sequence[str], settings: Set
         raise not_migrated(exc) from exc
     except CONNECTION_ERRORS as exc:
         raise unavailable(settings.postgres) from exc
-    return _Recorded(recorded, generations, progress, dead_letters, backlog)
+    return _Recorded(recorded, generations, progress, dead_letters, parked, backlog)
+
+
+def _parked(row: Parked) -> ParkedAggregate:
+    return ParkedAggregate(
+        aggregate_id=row.aggregate_id,
+        projection=row.projection,
+        version=row.version,
+        first_letter=row.first_letter,
+        parked_letters=row.letters,
+        reason=row.reason,
+        parked_at=row.parked_at,
+    )
 
 
 # -- Kafka ----------------------------------------------------------------------------

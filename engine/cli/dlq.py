@@ -39,12 +39,13 @@ def list_letters(
     """List dead letters, oldest first."""
     settings = load_settings()
     letters = run_reporting_errors(lambda: asyncio.run(_list(settings, include_replayed, limit)))
-    table = Table("id", "projection", "event", "where", "error", "at", "replayed")
+    table = Table("id", "projection", "event", "aggregate", "where", "error", "at", "replayed")
     for d in letters:
         table.add_row(
             str(d.id),
             d.projection,
             d.event_type or "?",
+            _aggregate(d),
             f"{d.topic}[{d.partition}]@{d.offset}",
             d.error[:120],
             d.created_at.strftime("%Y-%m-%d %H:%M:%S"),
@@ -52,6 +53,14 @@ def list_letters(
         )
     Console().print(table)
     Console(stderr=True).print(f"{len(letters)} dead letter(s)")
+
+
+def _aggregate(letter: DeadLetter) -> str:
+    if letter.aggregate_id is None:
+        return ""
+    version = "" if letter.aggregate_version is None else f" v{letter.aggregate_version}"
+    behind = f" (parked behind {letter.parked_behind})" if letter.parked_behind else ""
+    return f"{letter.aggregate_id}{version}{behind}"
 
 
 async def _replay(settings: Settings, ids: list[int], every: bool) -> list[ReplayOutcome]:
@@ -65,8 +74,13 @@ async def _replay(settings: Settings, ids: list[int], every: bool) -> list[Repla
         )
         missing = set(ids) - {letter.id for letter in letters}
         outcomes = [ReplayOutcome(i, False, "no such dead letter") for i in sorted(missing)]
+        # A parked letter is replayed with its sequence, from the first: once per sequence.
+        firsts: set[int] = set()
         for letter in letters:
-            outcomes.append(await replay(letter, application, resources))
+            first = letter.parked_behind or letter.id
+            if first not in firsts:
+                firsts.add(first)
+                outcomes.append(await replay(letter, application, resources))
         return outcomes
 
 
@@ -75,12 +89,18 @@ def replay_letters(
     ids: Annotated[list[int] | None, typer.Argument(help="Dead-letter ids to replay.")] = None,
     every: Annotated[bool, typer.Option("--all", help="Replay every pending dead letter.")] = False,
 ) -> None:
-    """Apply dead letters again (after fixing their cause); exits 1 if any still fails."""
+    """Apply dead letters again (after fixing their cause); exits 1 if any still fails.
+
+    A letter parked behind another is replayed with its whole sequence, in
+    order, from the first letter of its aggregate.
+    """
     if not ids and not every:
         raise typer.BadParameter("name dead-letter ids, or pass --all")
     settings = load_settings()
     outcomes = run_reporting_errors(lambda: asyncio.run(_replay(settings, ids or [], every)))
     console = Console()
+    if not outcomes:
+        console.print("nothing to replay: no pending dead letters")
     for outcome in outcomes:
         mark = "[green]replayed[/green]" if outcome.ok else "[red]failed[/red]"
         console.print(f"{outcome.letter_id}: {mark} {outcome.detail}", highlight=False)

@@ -29,7 +29,7 @@ def status_command(
         bool, typer.Option("--json", help="Print the status as one JSON document.")
     ] = False,
 ) -> None:
-    """Show each projection's position, lag, dead letters and last error, and the outbox.
+    """Show each projection's position, lag, dead letters, parked aggregates, last error, outbox.
 
     Exits 1 when a projection is failing now or has dead letters waiting (lag
     alone is not a failure), 4 when PostgreSQL or Kafka cannot be reached.
@@ -45,8 +45,8 @@ def status_command(
     unhealthy = [p.name for p in status.projections if not p.healthy]
     if unhealthy:
         err_console().print(
-            f"needs attention: {', '.join(unhealthy)} (a current error or dead letters; "
-            "see `engine dlq list`)",
+            f"needs attention: {', '.join(unhealthy)} (a current error, dead letters or"
+            " parked aggregates; see `engine dlq list` and `engine dlq replay`)",
             highlight=False,
         )
         raise typer.Exit(ExitCode.FAILED)
@@ -55,7 +55,7 @@ def status_command(
 def _table(status: EngineStatus) -> Table:
     table = Table(title=f"projections of topic {status.topic}", title_justify="left")
     table.add_column("projection", no_wrap=True)
-    for numeric in ("position", "applied", "lag events", "lag seconds", "dead letters"):
+    for numeric in ("position", "applied", "lag events", "lag seconds", "dead letters", "parked"):
         table.add_column(numeric, justify="right")
     table.add_column("last error", overflow="fold")
     for p in status.projections:
@@ -66,6 +66,7 @@ def _table(status: EngineStatus) -> Table:
             str(p.lag_events),
             "?" if p.lag_seconds is None else f"{p.lag_seconds:.1f}",
             Text(str(p.dead_letters), style="red" if p.dead_letters else ""),
+            Text(str(p.parked_aggregates), style="red" if p.parked_aggregates else ""),
             _last_error(p),
         )
     return table

@@ -5,18 +5,53 @@ could not be decoded at all, so no projection got it), where it came from
 (topic, partition, offset), the original key, value and headers, and the error.
 It never blocks a partition: the runner records it and moves on. ``engine dlq
 replay`` applies it again once the cause is fixed.
+
+Dead letters are ordered per aggregate. A document projection folds an
+aggregate's events by version and skips any version not above the stored one,
+so folding the events after a dead letter over its hole would lose it twice:
+the read model shows a state that never existed, and replaying the letter
+later changes nothing. So the first letter of an aggregate (whose version is
+known) *parks* it for its projection (or for every projection, ``*``): a row in
+``engine_parked`` names the first letter and its version, and later events of
+that aggregate with a higher version are recorded as letters *parked behind*
+it (``parked_behind``, with their original bytes) instead of being applied.
+Other aggregates flow on. Events at or below the first letter's version are
+not behind the hole and are applied as usual.
+
+A message whose envelope cannot be read at all (no aggregate version) is
+recorded with the Kafka key as its aggregate, but parks nothing: where it
+stood in the aggregate's history, or whether it belongs to it at all, is
+unknown, and parking the aggregate for ever behind bytes that may never have
+been one of its events would turn any garbage into a stopped aggregate.
+
+Why a parked event cannot be lost to a concurrent replay. A replay
+(:mod:`engine.dlq`) takes the park row ``FOR UPDATE``, reads the letters
+parked behind it, applies them, marks them replayed and deletes the row, all
+in one transaction. A lane records a parked letter in a transaction that first
+takes the park rows it parks behind ``FOR SHARE``: it waits for a running
+replay, and once that commits the row is gone, the lane sees its aggregate
+unparked and applies the event itself (after the whole sequence: the replay
+applied it first). If the lane commits first, the replay, which reads the
+letters only after taking its lock, finds and applies the new letter. Either
+way each event is applied or parked behind a replay that has not read yet.
+The lane's first, unlocked look (one indexed query per batch) can only miss a
+row that does not exist yet; park rows are created only by the dispatcher
+(before it dispatches the batch whose letter it is) and by the lane itself,
+both before that lane reaches the aggregate's later events; a replay only
+deletes rows. Waits for these locks are bounded (``lock_timeout``) and retried.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
 
 from engine.postgres.migrations import Migration
+from engine.postgres.pool import Connection
 
 ALL_PROJECTIONS = "*"
 
@@ -51,7 +86,32 @@ DEAD_LETTER_MIGRATIONS = (
         );
         """,
     ),
+    Migration(
+        "engine-0009-parked-aggregates",
+        """
+        ALTER TABLE engine_dead_letters
+            ADD COLUMN aggregate_id      text,
+            ADD COLUMN aggregate_version bigint,
+            ADD COLUMN parked_behind     bigint REFERENCES engine_dead_letters (id);
+        CREATE INDEX engine_dead_letters_parked_behind ON engine_dead_letters (parked_behind)
+            WHERE parked_behind IS NOT NULL;
+        CREATE TABLE engine_parked (
+            projection   text NOT NULL,
+            aggregate_id text NOT NULL,
+            version      bigint NOT NULL,
+            first_letter bigint NOT NULL REFERENCES engine_dead_letters (id),
+            reason       text NOT NULL,
+            parked_at    timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (projection, aggregate_id)
+        );
+        CREATE INDEX engine_parked_first_letter ON engine_parked (first_letter);
+        """,
+    ),
 )
+
+# How long a lane or a replay waits for a park row another transaction holds; past it,
+# the step fails and is retried (lane) or reported (replay), never waits unbounded.
+LOCK_TIMEOUT = "10s"
 
 
 @dataclass(frozen=True)
@@ -66,6 +126,9 @@ class NewDeadLetter:
     event_type: str | None
     error: str
     attempts: int
+    # The aggregate and its version, when the message tells them (see the module doc).
+    aggregate_id: str | None = field(default=None, kw_only=True)
+    aggregate_version: int | None = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -75,11 +138,41 @@ class DeadLetter(NewDeadLetter):
     id: int
     created_at: datetime
     replayed_at: datetime | None
+    # The first letter of the aggregate this one is parked behind (None: not parked).
+    parked_behind: int | None = field(default=None, kw_only=True)
+
+
+@dataclass(frozen=True)
+class Parked:
+    """An aggregate parked for a projection (``*``: every one) behind its first letter."""
+
+    projection: str
+    aggregate_id: str
+    version: int
+    first_letter: int
+    reason: str
+    parked_at: datetime
+    letters: int
+    """Letters parked behind the first one, not replayed yet."""
 
 
 _SELECT = (
     'SELECT id, projection, topic, partition, "offset", key, value, headers, event_type,'
-    " error, attempts, created_at, replayed_at FROM engine_dead_letters"
+    " error, attempts, created_at, replayed_at, aggregate_id, aggregate_version, parked_behind"
+    " FROM engine_dead_letters"
+)
+
+_INSERT = (
+    'INSERT INTO engine_dead_letters (projection, topic, partition, "offset", key, value,'
+    " headers, event_type, error, attempts, aggregate_id, aggregate_version, parked_behind)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10, $11, $12, $13)"
+    ' ON CONFLICT (projection, topic, partition, "offset") DO NOTHING RETURNING id'
+)
+
+_PARKED = (
+    "SELECT p.projection, p.aggregate_id, p.version, p.first_letter, p.reason, p.parked_at,"
+    " (SELECT count(*) FROM engine_dead_letters d WHERE d.parked_behind = p.first_letter"
+    " AND d.replayed_at IS NULL) AS letters FROM engine_parked p"
 )
 
 
@@ -94,28 +187,67 @@ class DeadLetterStore:
         self._pool = pool
 
     async def record(self, letters: Sequence[NewDeadLetter]) -> None:
+        """Record ``letters``; the first of an aggregate (version known) parks it.
+
+        A letter of an aggregate already parked for its projection is parked
+        behind that aggregate's first letter. A letter recorded before (the
+        same message delivered again) changes nothing.
+        """
         if not letters:
             return
-        await self._pool.executemany(
-            'INSERT INTO engine_dead_letters (projection, topic, partition, "offset", key, value,'
-            " headers, event_type, error, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb,"
-            ' $8, $9, $10) ON CONFLICT (projection, topic, partition, "offset") DO NOTHING',
-            [
-                (
-                    d.projection,
-                    d.topic,
-                    d.partition,
-                    d.offset,
-                    d.key,
-                    d.value,
-                    json.dumps(d.headers),
-                    d.event_type,
-                    d.error[:4000],
-                    d.attempts,
-                )
-                for d in letters
-            ],
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            for letter in letters:
+                await _record_one(conn, letter)
+
+    async def park_behind(self, letters: Sequence[NewDeadLetter]) -> set[tuple[int, int]]:
+        """Record those of ``letters`` whose aggregate is parked for their projection.
+
+        Each is parked behind the first letter of its aggregate, if its version
+        is above that letter's. Returns the (partition, offset) of every letter
+        parked (recorded now or before); the caller applies the others. The
+        park rows are read ``FOR SHARE`` in the transaction that records the
+        letters, so a replay running on them is waited for (module doc).
+        """
+        if not letters:
+            return set()
+        projections = sorted({d.projection for d in letters} | {ALL_PROJECTIONS})
+        aggregates = sorted({d.aggregate_id for d in letters if d.aggregate_id is not None})
+        parked: set[tuple[int, int]] = set()
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            rows = await conn.fetch(
+                "SELECT projection, aggregate_id, version, first_letter FROM engine_parked"
+                " WHERE projection = ANY($1) AND aggregate_id = ANY($2)"
+                " ORDER BY version, first_letter FOR SHARE",
+                projections,
+                aggregates,
+            )
+            for letter in letters:
+                head = _head_for(rows, letter)
+                if head is not None:
+                    await _insert(conn, letter, parked_behind=head)
+                    parked.add((letter.partition, letter.offset))
+        return parked
+
+    async def parked_aggregates(self, projection: str, aggregate_ids: Sequence[str]) -> set[str]:
+        """Which of ``aggregate_ids`` are parked for ``projection`` (or ``*``); no lock taken."""
+        rows = await self._pool.fetch(
+            "SELECT aggregate_id FROM engine_parked WHERE projection = ANY($1)"
+            " AND aggregate_id = ANY($2)",
+            [projection, ALL_PROJECTIONS],
+            sorted(set(aggregate_ids)),
         )
+        return {r["aggregate_id"] for r in rows}
+
+    async def parked(self, projection: str | None = None) -> list[Parked]:
+        """Parked aggregates (for ``projection``: its own and those of ``*``), oldest first."""
+        rows = await self._pool.fetch(
+            f"{_PARKED} WHERE $1::text IS NULL OR p.projection = $1 OR p.projection = '*'"
+            " ORDER BY p.first_letter",
+            projection,
+        )
+        return [Parked(**dict(r)) for r in rows]
 
     async def list(self, *, include_replayed: bool = False, limit: int = 100) -> list[DeadLetter]:
         rows = await self._pool.fetch(
@@ -141,3 +273,82 @@ class DeadLetterStore:
             projection,
         )
         return int(value)
+
+
+async def parked_sequence(conn: Connection, first_id: int) -> list[DeadLetter]:
+    """A first letter and the letters parked behind it, not replayed yet, in recording order.
+
+    Each lane records its parked letters in offset order, so recording order
+    is the aggregate's order for each projection.
+    """
+    rows = await conn.fetch(
+        f"{_SELECT} WHERE replayed_at IS NULL AND (id = $1 OR parked_behind = $1)"
+        " ORDER BY (id <> $1), id",
+        first_id,
+    )
+    letters = [_letter(r) for r in rows]
+    return letters if letters and letters[0].id == first_id else []
+
+
+def _head_for(rows: Sequence[asyncpg.Record], letter: NewDeadLetter) -> int | None:
+    """The first letter ``letter`` must wait behind, if any (rows ordered by version)."""
+    if letter.aggregate_id is None or letter.aggregate_version is None:
+        return None
+    for row in rows:
+        if (
+            row["aggregate_id"] == letter.aggregate_id
+            and row["projection"] in (letter.projection, ALL_PROJECTIONS)
+            and letter.aggregate_version > row["version"]
+        ):
+            return int(row["first_letter"])
+    return None
+
+
+async def _insert(
+    conn: Connection, letter: NewDeadLetter, *, parked_behind: int | None = None
+) -> int | None:
+    """Insert one letter; its id, or None if it was recorded before."""
+    value = await conn.fetchval(
+        _INSERT,
+        letter.projection,
+        letter.topic,
+        letter.partition,
+        letter.offset,
+        letter.key,
+        letter.value,
+        json.dumps(letter.headers),
+        letter.event_type,
+        letter.error[:4000],
+        letter.attempts,
+        letter.aggregate_id,
+        letter.aggregate_version,
+        parked_behind,
+    )
+    return None if value is None else int(value)
+
+
+async def _record_one(conn: Connection, letter: NewDeadLetter) -> None:
+    if letter.aggregate_id is None or letter.aggregate_version is None:
+        await _insert(conn, letter)
+        return
+    head = await conn.fetchval(
+        "SELECT first_letter FROM engine_parked WHERE projection = $1 AND aggregate_id = $2"
+        " FOR SHARE",
+        letter.projection,
+        letter.aggregate_id,
+    )
+    if head is not None:
+        await _insert(conn, letter, parked_behind=head)
+        return
+    letter_id = await _insert(conn, letter)
+    if letter_id is None:  # delivered again: its park (if still there) was made the first time
+        return
+    await conn.execute(
+        "INSERT INTO engine_parked (projection, aggregate_id, version, first_letter, reason)"
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        letter.projection,
+        letter.aggregate_id,
+        letter.aggregate_version,
+        letter_id,
+        letter.error[:1000],
+    )
