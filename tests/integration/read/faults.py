@@ -15,9 +15,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from engine import Settings
+from engine.partitioning import partition_for
 from engine.stack import StackManager
 from engine.stack.process import running
 
@@ -90,3 +91,23 @@ async def assert_committed_to_the_end(settings: Settings) -> None:
         assert committed == ends
     finally:
         await consumer.stop()
+
+
+async def produce_to_topic(settings: Settings, aggregate_id: str, values: list[bytes]) -> None:
+    """Produce raw messages straight to the topic, keyed and partitioned as the relay does.
+
+    What a buggy or newer producer would put next to the relay's events.
+    """
+    kafka = settings.kafka
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(
+                kafka.topic,
+                value,
+                key=aggregate_id.encode(),
+                partition=partition_for(aggregate_id, kafka.partitions),
+            )
+    finally:
+        await producer.stop()

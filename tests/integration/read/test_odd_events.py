@@ -20,14 +20,13 @@ import uuid
 from collections.abc import Sequence
 
 import asyncpg
-from aiokafka import AIOKafkaProducer
 
 from engine import CommandBus, OutboxRelay, Resources, ServiceUnavailableError, Settings
 from engine.daemon import build_runner
-from engine.partitioning import partition_for
 from engine.postgres.deadletters import DeadLetterStore, NewDeadLetter
 from projections.orders import APP, ConfirmOrder
 from tests.helpers import new_customer, new_order, new_product
+from tests.integration.read.faults import produce_to_topic
 
 
 def _envelope(order: str, event_type: str, schema_version: int, **fields: object) -> bytes:
@@ -74,18 +73,7 @@ async def test_naive_times_and_failing_upcasters_are_dead_lettered_not_fatal(
         # v1 without "tracking_code": the upcaster's KeyError.
         _envelope(order, "OrderShipped", 1),
     ]
-    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
-    await producer.start()
-    try:
-        for value in odd:
-            await producer.send_and_wait(
-                kafka.topic,
-                value,
-                key=order.encode(),
-                partition=partition_for(order, kafka.partitions),
-            )
-    finally:
-        await producer.stop()
+    await produce_to_topic(settings_for_test, order, odd)
     await bus.execute(ConfirmOrder(order_id=uuid.UUID(order)))
     await OutboxRelay(settings_for_test.postgres, kafka, settings_for_test.relay).drain()
 
@@ -122,17 +110,7 @@ async def test_poison_arriving_while_dead_letters_cannot_be_recorded_waits_inste
     customer, product = await new_customer(bus), await new_product(bus)
     order = (await new_order(bus, customer, [(product, 1)])).aggregate_id
     await OutboxRelay(settings_for_test.postgres, kafka, settings_for_test.relay).drain()
-    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
-    await producer.start()
-    try:
-        await producer.send_and_wait(
-            kafka.topic,
-            b"\x00not json",
-            key=order.encode(),
-            partition=partition_for(order, kafka.partitions),
-        )
-    finally:
-        await producer.stop()
+    await produce_to_topic(settings_for_test, order, [b"\x00not json"])
     await bus.execute(ConfirmOrder(order_id=uuid.UUID(order)))
     await OutboxRelay(settings_for_test.postgres, kafka, settings_for_test.relay).drain()
 

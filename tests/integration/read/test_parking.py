@@ -25,7 +25,6 @@ import uuid
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaProducer
 
 from engine import Application, CommandBus, EventRegistry, OutboxRelay, Resources, Settings, codec
 from engine.daemon import build_runner
@@ -38,6 +37,7 @@ from projections.orders import APP, ConfirmOrder
 from projections.orders.events import OrderShipped, _order_shipped_v1_to_v2
 from projections.orders.wiring import quick_lookup_prefix, search_alias
 from tests.helpers import consume, new_customer, new_order, new_product, run_engine, settings_env
+from tests.integration.read.faults import produce_to_topic
 
 
 class OrderShippedV3(OrderShipped):
@@ -87,22 +87,6 @@ def _envelope(
     ).encode()
 
 
-async def _produce(settings: Settings, order: str, values: list[bytes]) -> None:
-    kafka = settings.kafka
-    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
-    await producer.start()
-    try:
-        for value in values:
-            await producer.send_and_wait(
-                kafka.topic,
-                value,
-                key=order.encode(),
-                partition=partition_for(order, kafka.partitions),
-            )
-    finally:
-        await producer.stop()
-
-
 async def _relay(settings: Settings) -> None:
     await OutboxRelay(settings.postgres, settings.kafka, settings.relay).drain()
 
@@ -125,7 +109,7 @@ async def _ship_from_the_future_then_deliver(
         ),
         _envelope(order, customer, "OrderDelivered", 1, 3),
     ]
-    await _produce(settings, order, values)
+    await produce_to_topic(settings, order, values)
     return order, customer, values
 
 
@@ -201,7 +185,7 @@ async def test_a_dead_lettered_event_parks_its_aggregate_until_replay_applies_it
     assert code == 0 and "nothing to replay" in (out + err).lower(), out + err
 
     # Events after the replay flow again (the aggregate is unparked).
-    await _produce(
+    await produce_to_topic(
         settings_for_test,
         order,
         [_envelope(order, _customer, "OrderDelivered", 1, 4)],
@@ -291,7 +275,7 @@ async def test_an_event_arriving_while_its_aggregate_is_replayed_waits_and_is_no
         await _until(
             holder, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
         )
-        await _produce(
+        await produce_to_topic(
             settings_for_test, order, [_envelope(order, customer, "OrderDelivered", 1, 4)]
         )
         daemon = asyncio.create_task(_run_daemon(resources))
