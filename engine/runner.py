@@ -82,6 +82,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
@@ -118,6 +119,17 @@ _STALE_COMMIT = (
 )
 
 
+class LaneObserver(Protocol):
+    """Watches the runner's lanes while it runs (e.g. records their state for ``engine status``).
+
+    ``watch`` runs on its own task from the start of :meth:`ProjectionRunner.run`
+    until shutdown cancels it; it only reads the runner, and an error in it is
+    logged, never the daemon's end.
+    """
+
+    async def watch(self, runner: ProjectionRunner) -> None: ...
+
+
 class ProjectionRunner:
     """Runs every lane off one consumer group until stopped (or until caught up)."""
 
@@ -130,6 +142,7 @@ class ProjectionRunner:
         *,
         dead_letters: DeadLetterStore,
         checkpoints: CheckpointStore,
+        observer: LaneObserver | None = None,
     ) -> None:
         if len({lane.name for lane in lanes}) != len(lanes):
             raise ConfigurationError("two projections share a name")
@@ -139,6 +152,7 @@ class ProjectionRunner:
         self.lanes = list(lanes)
         self._dead_letters = dead_letters
         self._checkpoints = checkpoints
+        self._observer = observer
         self._consumer: AIOKafkaConsumer | None = None
         self._dispatched: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
@@ -163,10 +177,25 @@ class ProjectionRunner:
         await consumer.start()
         self._consumer = consumer
         self._lane_tasks = [asyncio.create_task(lane.run(), name=lane.name) for lane in self.lanes]
+        observing = asyncio.create_task(self._observe(), name="lane observer")
         try:
             await self._loop(consumer, stop, until_caught_up=until_caught_up)
         finally:
+            observing.cancel()
             await asyncio.shield(self._shutdown(consumer))
+
+    async def _observe(self) -> None:
+        if self._observer is None:
+            return
+        try:
+            await self._observer.watch(self)
+        except Exception:
+            log.exception("the lane observer failed; the daemon goes on without it")
+
+    @property
+    def catching_up(self) -> frozenset[str]:
+        """The lanes catching up alone right now (detached, not stranded)."""
+        return frozenset(self._catch_ups)
 
     async def _loop(
         self, consumer: AIOKafkaConsumer, stop: asyncio.Event, *, until_caught_up: bool
