@@ -8,12 +8,16 @@ freeze, a wedged disk) looks like to the daemon.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -111,3 +115,80 @@ async def produce_to_topic(settings: Settings, aggregate_id: str, values: list[b
             )
     finally:
         await producer.stop()
+
+
+@asynccontextmanager
+async def frozen(settings: Settings, service: str) -> AsyncIterator[None]:
+    """A service of the native stack frozen (SIGSTOP, its whole process tree) inside the block.
+
+    Always resumed (SIGCONT) after it, even when the block is cancelled.
+    """
+    manager = StackManager(settings, lambda _line: None)
+    proc = running(manager.layout.pid_file(service))
+    if proc is None:
+        pytest.skip(f"{service} is not run by the native local stack here; cannot freeze it")
+    pids = _tree(proc.pid)
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+# Stopping and starting stack services from worker threads: one at a time, so a start
+# asked for while a restart is still running waits for it instead of racing it.
+_STACK_CHANGES = threading.Lock()
+
+
+async def restart_postgres(settings: Settings, down_s: float) -> None:
+    """Stop the stack's Postgres server, keep it down ``down_s``, start it again.
+
+    A real restart: every session is ended (fast shutdown), new connections are
+    refused meanwhile. The stop and the start run in one worker thread whose
+    start is in a ``finally``, so Postgres is started again even if the caller
+    is cancelled; this returns once the test's database accepts connections.
+    """
+    manager = StackManager(settings, lambda _line: None)
+    if running(manager.layout.pid_file("postgres")) is None:
+        pytest.skip("Postgres is not run by the native local stack here; cannot restart it")
+
+    def stop_then_start() -> None:
+        with _STACK_CHANGES:
+            try:
+                manager.down(["postgres"])
+                time.sleep(down_s)
+            finally:
+                manager.up(["postgres"])
+
+    await asyncio.shield(asyncio.to_thread(stop_then_start))
+    await until_postgres_accepts(settings)
+
+
+async def ensure_postgres_up(settings: Settings) -> None:
+    """Start the stack's Postgres if it is not running (idempotent); wait until it accepts."""
+    manager = StackManager(settings, lambda _line: None)
+
+    def start() -> None:
+        with _STACK_CHANGES:
+            manager.up(["postgres"])
+
+    await asyncio.to_thread(start)
+    await until_postgres_accepts(settings)
+
+
+async def until_postgres_accepts(settings: Settings, timeout_s: float = 120.0) -> None:
+    """Poll until a connection to the test's database succeeds (bounded)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            conn = await asyncpg.connect(settings.postgres.dsn(), timeout=5)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            assert loop.time() < deadline, f"Postgres refused connections for {timeout_s}s: {exc}"
+            await asyncio.sleep(0.2)
+        else:
+            await conn.close()
+            return
