@@ -27,6 +27,7 @@ from uuid import UUID, uuid4
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from engine.drivers import START_HINT, postgres_address, postgres_errors
 from engine.errors import (
     CommandIdReusedError,
     ConfigurationError,
@@ -35,7 +36,7 @@ from engine.errors import (
 )
 from engine.events import DomainEvent
 from engine.postgres import outbox
-from engine.postgres.pool import CONNECTION_ERRORS, Connection, not_migrated, unavailable
+from engine.postgres.pool import Connection
 from engine.settings import PostgresSettings
 
 
@@ -152,21 +153,22 @@ class CommandBus:
         handler = self._handlers.get(type(command))
         if handler is None:
             raise ConfigurationError(f"no handler registered for {type(command).__name__}")
-        try:
-            return await self._execute(command, handler)
-        except asyncpg.UniqueViolationError as exc:
-            # Another writer recorded the same aggregate version first.
-            raise ConflictError(f"a concurrent command changed it first ({exc.detail})") from exc
-        except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError) as exc:
-            raise ConflictError("a concurrent command changed it first; retry") from exc
-        except asyncpg.UndefinedTableError as exc:
-            raise not_migrated(exc) from exc
-        except asyncpg.DataError as exc:
-            # A value the database refuses (out of range, bad encoding) that the
-            # command's validation let through: still the input's fault.
-            raise ValidationFailedError(type(command).__name__, str(exc)) from exc
-        except CONNECTION_ERRORS as exc:
-            raise unavailable(self._postgres) from exc
+        # What a driver error means for a command is decided here; what is left
+        # (the server unreachable, a missing table...) the seam translates.
+        with postgres_errors(postgres_address(self._postgres), START_HINT):
+            try:
+                return await self._execute(command, handler)
+            except asyncpg.UniqueViolationError as exc:
+                # Another writer recorded the same aggregate version first.
+                raise ConflictError(
+                    f"a concurrent command changed it first ({exc.detail})"
+                ) from exc
+            except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError) as exc:
+                raise ConflictError("a concurrent command changed it first; retry") from exc
+            except asyncpg.DataError as exc:
+                # A value the database refuses (out of range, bad encoding) that the
+                # command's validation let through: still the input's fault.
+                raise ValidationFailedError(type(command).__name__, str(exc)) from exc
 
     async def _execute(self, command: Command, handler: Handler) -> CommandResult:
         digest = _payload_hash(command)

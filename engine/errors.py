@@ -18,13 +18,15 @@
     │   ├── UnknownEventError        no model is registered for the event's type and version
     │   └── EventDecodeError         the bytes or the payload do not decode
     └── ConfigurationError           stop and say what to set
+        ├── SchemaMissingError       a table the engine needs does not exist yet (migrate, run)
         ├── MissingToolError         a program the local stack needs is not installed
         ├── PortInUseError           another process holds a port the stack wants
         └── StackError               a local-stack service failed to install or start
 
 Errors of the drivers underneath (asyncpg, aiokafka, redis, elasticsearch) are
-translated into these at one boundary, the store adapter, with ``raise ... from
-exc``, so that callers never need to import a driver to handle a failure.
+translated into these at one seam, :mod:`engine.drivers` (one context manager
+per driver, with the table of what becomes what), with ``raise ... from exc``,
+so that callers never need to import a driver to handle a failure.
 """
 
 from __future__ import annotations
@@ -179,6 +181,18 @@ class EventDecodeError(PoisonError):
 
 class ConfigurationError(EngineError):
     """The engine or its local stack is set up wrongly; the message says what to change."""
+
+
+class SchemaMissingError(ConfigurationError):
+    """A table or view the engine needs does not exist: the schema is not set up yet."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(
+            f"the database schema is missing ({detail}); create it with: engine migrate "
+            "(a projection's own tables and views are created by the projection daemon: "
+            "engine run)"
+        )
 
 
 class MissingToolError(ConfigurationError):

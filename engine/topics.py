@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError
 
-from engine.errors import ServiceUnavailableError
-from engine.settings import KafkaSettings, env_var
+from engine.drivers import START_HINT, kafka_address, kafka_errors
+from engine.settings import KafkaSettings
 
 
 async def ensure_topic(kafka: KafkaSettings, topic: str | None = None) -> bool:
@@ -17,27 +17,22 @@ async def ensure_topic(kafka: KafkaSettings, topic: str | None = None) -> bool:
         request_timeout_ms=int(kafka.request_timeout_s * 1000),
     )
     try:
-        await admin.start()
-        if name in await admin.list_topics():
-            return False
-        try:
-            await admin.create_topics(
-                [
-                    NewTopic(
-                        name,
-                        num_partitions=kafka.partitions,
-                        replication_factor=kafka.replication_factor,
-                    )
-                ]
-            )
-        except TopicAlreadyExistsError:
-            return False  # another process created it between our check and our create
-        return True
-    except KafkaError as exc:
-        raise ServiceUnavailableError(
-            "Kafka",
-            f"{kafka.bootstrap_servers} ({env_var('kafka', 'bootstrap_servers')})",
-            "Start the local stack with: ./dev up",
-        ) from exc
+        with kafka_errors(kafka_address(kafka), START_HINT):
+            await admin.start()
+            if name in await admin.list_topics():
+                return False
+            try:
+                await admin.create_topics(
+                    [
+                        NewTopic(
+                            name,
+                            num_partitions=kafka.partitions,
+                            replication_factor=kafka.replication_factor,
+                        )
+                    ]
+                )
+            except TopicAlreadyExistsError:
+                return False  # another process created it between our check and our create
+            return True
     finally:
         await admin.close()

@@ -6,8 +6,13 @@ get the right status without touching the API:
 - 422 ``validation_failed`` (with ``field``): the request can never succeed as sent;
 - 404 ``not_found``; 409 ``rule_violation`` (with ``details``, e.g. both states of a
   refused transition), ``conflict`` (a concurrent change; retry), ``command_id_reused``;
-- 503 ``not_yet_consistent`` / ``service_unavailable`` with Retry-After: the
-  engine's side, temporary.
+- 503 ``not_yet_consistent`` / ``service_unavailable`` / ``not_ready`` (the schema
+  or a projection's view is not set up yet) with Retry-After: the engine's side,
+  temporary.
+
+A driver error that an application's query code lets through (it reads the
+stores' clients directly) is translated here by the same seam the engine
+uses, :mod:`engine.drivers`, and answered like the engine error it becomes.
 
 Anything else is a bug of ours: logged with its traceback, answered 500
 without internals.
@@ -19,13 +24,19 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-import asyncpg
-import redis.exceptions
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine.drivers import (
+    POSTGRES_ERRORS,
+    REDIS_ERRORS,
+    postgres_address,
+    postgres_error,
+    redis_address,
+    redis_error,
+)
 from engine.errors import (
     CommandIdReusedError,
     ConfigurationError,
@@ -35,11 +46,11 @@ from engine.errors import (
     NotFoundError,
     NotYetConsistentError,
     RuleViolationError,
+    SchemaMissingError,
     TransientError,
     ValidationFailedError,
     WriteNotAppliedError,
 )
-from engine.postgres.pool import CONNECTION_ERRORS
 
 log = logging.getLogger("engine.api")
 
@@ -65,6 +76,7 @@ _STATUS: tuple[tuple[type[EngineError], int, str], ...] = (
     (NotYetConsistentError, 503, "not_yet_consistent"),
     (WriteNotAppliedError, 503, "write_dead_lettered"),
     (TransientError, 503, "service_unavailable"),
+    (SchemaMissingError, 503, "not_ready"),
     (ConfigurationError, 503, "misconfigured"),
     (InvalidInputError, 400, "invalid_input"),
     (EngineError, 500, "internal_error"),  # a fault on our side, not the client's
@@ -127,26 +139,23 @@ async def _engine_error(_request: Request, exc: Exception) -> JSONResponse:
     return engine_error_response(exc)
 
 
-def _infrastructure(exc: Exception) -> JSONResponse | None:
-    """A store that is down or not set up yet: 503, whichever handler let it through."""
-    if isinstance(exc, asyncpg.UndefinedTableError):
-        message = (
-            f"the read model is not set up yet ({exc}); start the projection daemon "
-            "(engine run) and run engine migrate"
-        )
-        return _answer(503, error_body("not_ready", message), retry=True)
-    if isinstance(exc, (*CONNECTION_ERRORS, redis.exceptions.ConnectionError)):
-        message = f"a store is not reachable: {type(exc).__name__}: {exc}"
-        return _answer(503, error_body("service_unavailable", message), retry=True)
-    return None
+def _translated(request: Request, exc: Exception) -> EngineError | None:
+    """A driver error from the read side's clients, as :mod:`engine.drivers` translates it."""
+    context = getattr(request.app.state, "context", None)
+    if context is None:  # the application is not serving yet
+        return None
+    reads = context.reads
+    return redis_error(exc, redis_address(reads.redis)) or postgres_error(
+        exc, postgres_address(reads.pool)
+    )
 
 
-async def _store_down(request: Request, exc: Exception) -> JSONResponse:
-    answer = _infrastructure(exc)
-    if answer is None:
+async def _driver_error(request: Request, exc: Exception) -> JSONResponse:
+    translated = _translated(request, exc)
+    if translated is None:
         return await _unexpected(request, exc)
-    log.warning("%s %s: %s", request.method, request.url.path, exc)
-    return answer
+    log.warning("%s %s: %s", request.method, request.url.path, translated)
+    return engine_error_response(translated)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -158,6 +167,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(EngineError, _engine_error)
-    for kind in (asyncpg.UndefinedTableError, *CONNECTION_ERRORS, redis.exceptions.ConnectionError):
-        app.add_exception_handler(kind, _store_down)
+    for kind in (*POSTGRES_ERRORS, *REDIS_ERRORS):
+        app.add_exception_handler(kind, _driver_error)
     app.add_exception_handler(Exception, _unexpected)

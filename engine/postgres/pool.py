@@ -1,4 +1,4 @@
-"""Opening asyncpg pools, with connection failures translated at this one boundary."""
+"""Opening asyncpg pools; their failures are translated by :mod:`engine.drivers`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 
-from engine.errors import ConfigurationError, ServiceUnavailableError
-from engine.settings import PostgresSettings, env_var
+from engine.drivers import POSTGRES_UNREACHABLE, START_HINT, postgres_address, postgres_errors
+from engine.errors import SchemaMissingError, ServiceUnavailableError
+from engine.settings import PostgresSettings
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -17,33 +18,32 @@ if TYPE_CHECKING:
 # subscriptable at run time.
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
-CONNECTION_ERRORS = (OSError, TimeoutError, asyncpg.CannotConnectNowError, asyncpg.InterfaceError)
+# For the modules that still catch by hand (engine.generations, engine.rebuild,
+# engine.status); new code wraps its calls in engine.drivers.postgres_errors.
+CONNECTION_ERRORS = POSTGRES_UNREACHABLE
 
 
 async def create_pool(settings: PostgresSettings) -> asyncpg.Pool:
-    """A pool for ``settings``; an unreachable server raises ServiceUnavailableError."""
-    try:
-        pool = await asyncpg.create_pool(
+    """A pool for ``settings``; an unreachable server raises ServiceUnavailableError.
+
+    A refused login passes through as asyncpg raised it: only the caller knows
+    which role it asked for and which setting names it.
+    """
+    with postgres_errors(postgres_address(settings), START_HINT):
+        return await asyncpg.create_pool(
             settings.dsn(),
             min_size=settings.pool_min_size,
             max_size=settings.pool_max_size,
             command_timeout=settings.command_timeout_s,
             timeout=10,
         )
-    except CONNECTION_ERRORS as exc:
-        raise unavailable(settings) from exc
-    return pool
 
 
-def not_migrated(exc: asyncpg.UndefinedTableError) -> ConfigurationError:
-    return ConfigurationError(
-        f"the database schema is missing ({exc}); create it with: engine migrate"
-    )
+def not_migrated(exc: asyncpg.UndefinedTableError) -> SchemaMissingError:
+    """The error for a missing table (for hand-written catches)."""
+    return SchemaMissingError(str(exc))
 
 
 def unavailable(settings: PostgresSettings) -> ServiceUnavailableError:
-    return ServiceUnavailableError(
-        "PostgreSQL",
-        f"{settings.host}:{settings.port} ({env_var('postgres', 'port')})",
-        "Start the local stack with: ./dev up",
-    )
+    """The error for a server at ``settings`` that cannot be reached (for hand-written catches)."""
+    return ServiceUnavailableError("PostgreSQL", postgres_address(settings), START_HINT)

@@ -37,15 +37,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from elasticsearch import (
-    ApiError,
-    AsyncElasticsearch,
-    BadRequestError,
-    NotFoundError,
-    TransportError,
-)
+from elasticsearch import ApiError, AsyncElasticsearch, BadRequestError, NotFoundError
 
-from engine.errors import PoisonError, ServiceUnavailableError, TransientError
+from engine.drivers import elasticsearch_address, elasticsearch_errors
+from engine.errors import PoisonError, TransientError
 from engine.projection import Document, DocumentProjection, Projected, fold_and_write
 
 VERSION_FIELD = "_v"
@@ -84,15 +79,13 @@ class ElasticsearchDocumentStore:
 
     async def setup(self) -> None:
         """Create this generation's index; point the alias at it if the alias does not exist."""
-        try:
+        with elasticsearch_errors(elasticsearch_address(self._client)):
             # Checked separately: a crash between the two steps leaves the index behind.
             if not await self._client.indices.exists(index=self.index):
                 await self.create_index(self.index)
             if not await self._client.indices.exists_alias(name=self.alias):
                 # Idempotent for one index: racers of this generation all succeed.
                 await self._client.indices.put_alias(index=self.index, name=self.alias)
-        except TransportError as exc:
-            raise ServiceUnavailableError("Elasticsearch", str(exc)) from exc
 
     async def create_index(self, index: str) -> None:
         """Create ``index`` with this store's mappings; one that already exists is success.
@@ -122,42 +115,41 @@ class ElasticsearchDocumentStore:
         names an alias the winner removed, so it reads again.
         """
         try:
-            for _ in range(3):
-                try:
-                    current = set((await self._client.indices.get_alias(name=self.alias)).body)
-                except NotFoundError:
-                    current = set()
-                if current == {self.index}:
-                    return
-                actions: list[dict[str, Any]] = [
-                    {"remove": {"index": index, "alias": self.alias}}
-                    for index in current
-                    if index != self.index
-                ]
-                actions.append({"add": {"index": self.index, "alias": self.alias}})
-                try:
-                    await self._client.indices.update_aliases(actions=actions)
-                    return
-                except NotFoundError:
-                    continue
-            raise TransientError(f"the alias {self.alias} keeps moving; retry")
-        except TransportError as exc:
-            raise ServiceUnavailableError("Elasticsearch", str(exc)) from exc
+            with elasticsearch_errors(elasticsearch_address(self._client)):
+                await self._move_alias()
         except ApiError as exc:
+            # Any other refusal too: readers must end up on the committed
+            # generation, so the caller retries the move until it goes through.
             raise TransientError(f"Elasticsearch answered {exc.meta.status}: {exc}") from exc
+
+    async def _move_alias(self) -> None:
+        for _ in range(3):
+            try:
+                current = set((await self._client.indices.get_alias(name=self.alias)).body)
+            except NotFoundError:
+                current = set()
+            if current == {self.index}:
+                return
+            actions: list[dict[str, Any]] = [
+                {"remove": {"index": index, "alias": self.alias}}
+                for index in current
+                if index != self.index
+            ]
+            actions.append({"add": {"index": self.index, "alias": self.alias}})
+            try:
+                await self._client.indices.update_aliases(actions=actions)
+                return
+            except NotFoundError:
+                continue
+        raise TransientError(f"the alias {self.alias} keeps moving; retry")
 
     async def drop(self) -> None:
         await self._client.indices.delete(index=self.index, ignore_unavailable=True)
 
     async def apply(self, items: Sequence[Projected]) -> int:
-        try:
+        # A 4xx answer passes through: the projection's failure, counted by the lane.
+        with elasticsearch_errors(elasticsearch_address(self._client)):
             return await self._apply(items)
-        except TransportError as exc:
-            raise ServiceUnavailableError("Elasticsearch", str(exc)) from exc
-        except ApiError as exc:
-            if exc.meta.status >= 500 or exc.meta.status == 429:
-                raise TransientError(f"Elasticsearch answered {exc.meta.status}") from exc
-            raise
 
     async def _apply(self, items: Sequence[Projected]) -> int:
         stamps: dict[str, tuple[str, int, int]] = {}

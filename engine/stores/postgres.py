@@ -34,9 +34,10 @@ from decimal import Decimal
 
 import asyncpg
 
-from engine.errors import ConfigurationError, ServiceUnavailableError, TransientError
+from engine.drivers import postgres_address, postgres_errors
+from engine.errors import ConfigurationError
 from engine.postgres.migrations import Migration
-from engine.postgres.pool import CONNECTION_ERRORS, Connection
+from engine.postgres.pool import Connection
 from engine.projection import Document, DocumentProjection, Projected, SqlProjection, fold
 
 PROJECTION_MIGRATIONS = (
@@ -63,22 +64,6 @@ _LOCK_KEYS = """
     SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || k, 0))
     FROM unnest($2::text[]) AS k ORDER BY k
 """
-
-
-def _translate(exc: BaseException, what: str) -> TransientError:
-    if isinstance(exc, CONNECTION_ERRORS):
-        return ServiceUnavailableError("PostgreSQL", what)
-    return TransientError(f"PostgreSQL ({what}): {exc}")
-
-
-TRANSIENT_PG = (
-    *CONNECTION_ERRORS,
-    asyncpg.SerializationError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.QueryCanceledError,
-)
 
 
 def _json_default(value: object) -> str:
@@ -145,11 +130,9 @@ class PostgresDocumentStore:
         await self._pool.execute(f"DROP TABLE IF EXISTS {self.table}")
 
     async def apply(self, items: Sequence[Projected]) -> int:
-        try:
+        with postgres_errors(postgres_address(self._pool)):
             async with self._pool.acquire() as conn, conn.transaction():
                 return await self._apply(conn, items)
-        except TRANSIENT_PG as exc:
-            raise _translate(exc, self.table) from exc
 
     async def _apply(self, conn: Connection, items: Sequence[Projected]) -> int:
         keys = sorted({item.aggregate_id for item in items})
@@ -237,11 +220,9 @@ class PostgresSqlStore:
             )
 
     async def apply(self, items: Sequence[Projected]) -> int:
-        try:
+        with postgres_errors(postgres_address(self._pool)):
             async with self._pool.acquire() as conn, conn.transaction():
                 return await self._apply(conn, items)
-        except TRANSIENT_PG as exc:
-            raise _translate(exc, self._projection.name) from exc
 
     async def _apply(self, conn: Connection, items: Sequence[Projected]) -> int:
         name = self._progress_key

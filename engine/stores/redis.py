@@ -17,9 +17,8 @@ from datetime import datetime
 from typing import Any
 
 import redis.asyncio as aioredis
-import redis.exceptions
 
-from engine.errors import ServiceUnavailableError, TransientError
+from engine.drivers import redis_address, redis_errors
 from engine.projection import Document, DocumentProjection, Projected, fold_and_write
 
 VERSION_FIELD = "_v"
@@ -111,12 +110,8 @@ class RedisHashStore:
         :mod:`engine.generations`): a pointer moved earlier could outlive a
         switch that never committed.
         """
-        try:
+        with redis_errors(redis_address(self._client)):
             await self._client.set(generation_pointer(self.base_prefix), self.generation)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise ServiceUnavailableError("Redis", str(exc)) from exc
-        except redis.exceptions.RedisError as exc:
-            raise TransientError(f"Redis: {exc}") from exc
 
     async def drop(self) -> None:
         batch: list[str] = []
@@ -129,12 +124,8 @@ class RedisHashStore:
             await self._client.unlink(*batch)
 
     async def apply(self, items: Sequence[Projected]) -> int:
-        try:
+        with redis_errors(redis_address(self._client)):
             return await self._apply(items)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise ServiceUnavailableError("Redis", str(exc)) from exc
-        except redis.exceptions.RedisError as exc:
-            raise TransientError(f"Redis: {exc}") from exc
 
     async def _apply(self, items: Sequence[Projected]) -> int:
         return await fold_and_write(self._projection, items, self._read, self._write)
@@ -194,13 +185,11 @@ class RedisHashReader:
 
     async def get(self, aggregate_id: str) -> tuple[dict[str, str], int] | None:
         """The hash's fields and its version, or None when there is no such key."""
-        try:
+        with redis_errors(redis_address(self._client)):
             flat = await self._script(
                 keys=[generation_pointer(self._base_prefix)],
                 args=[self._base_prefix, aggregate_id],
             )
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise ServiceUnavailableError("Redis", str(exc)) from exc
         if not flat:
             return None
         fields = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
