@@ -9,9 +9,10 @@ returning the translation (or None), for a boundary that only sees the
 exception afterwards, such as the HTTP API's exception handlers.
 
 A :class:`ServiceUnavailableError` always names the service and its address
-(``host:port``, with the setting that moves it when the caller knows it); the
-driver's own text goes into the hint. Which driver errors become which engine
-error, and why:
+(``host:port``, with the setting that moves it when the caller knows it, see
+the ``*_address`` functions); its hint is the caller's (what to do, e.g.
+start the local stack) or else the driver's own text. Which driver errors
+become which engine error, and why:
 
 ==============  =============================================  =========================
 driver          raised by the driver                           becomes
@@ -116,7 +117,7 @@ def _unavailable(
     return ServiceUnavailableError(service, address, hint or _text(exc))
 
 
-def _transient(service: str, exc: BaseException, address: str, _hint: str | None) -> TransientError:
+def _transient(service: str, exc: BaseException, address: str) -> TransientError:
     # No hint: it says what to do about an outage, and the service is up.
     return TransientError(f"{service} at {address}: {_text(exc)}")
 
@@ -134,7 +135,7 @@ def postgres_error(exc: BaseException, address: str, hint: str | None = None) ->
     if isinstance(exc, POSTGRES_UNREACHABLE):
         return _unavailable("PostgreSQL", exc, address, hint)
     if isinstance(exc, POSTGRES_TRANSIENT):
-        return _transient("PostgreSQL", exc, address, hint)
+        return _transient("PostgreSQL", exc, address)
     if isinstance(exc, asyncpg.UndefinedTableError):
         return SchemaMissingError(f"PostgreSQL at {address}: {exc}")
     return None
@@ -145,7 +146,7 @@ def redis_error(exc: BaseException, address: str, hint: str | None = None) -> En
     if isinstance(exc, REDIS_UNREACHABLE):
         return _unavailable("Redis", exc, address, hint)
     if isinstance(exc, redis.exceptions.RedisError):
-        return _transient("Redis", exc, address, hint)
+        return _transient("Redis", exc, address)
     return None
 
 
@@ -156,7 +157,7 @@ def elasticsearch_error(
     if isinstance(exc, TransportError):
         return _unavailable("Elasticsearch", exc, address, hint)
     if isinstance(exc, ApiError) and (exc.meta.status >= 500 or exc.meta.status == 429):
-        return _transient("Elasticsearch", exc, address, hint)
+        return _transient("Elasticsearch", exc, address)
     return None
 
 
@@ -165,7 +166,7 @@ def kafka_error(exc: BaseException, address: str, hint: str | None = None) -> En
     if isinstance(exc, KAFKA_UNREACHABLE):
         return _unavailable("Kafka", exc, address, hint)
     if isinstance(exc, kafka.KafkaError):
-        return _transient("Kafka", exc, address, hint)
+        return _transient("Kafka", exc, address)
     return None
 
 
