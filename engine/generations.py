@@ -33,6 +33,16 @@ never falls back to a generation it remembers: that is how a lane used to
 write a generation the switch had just retired (and, starting at 1, one a
 rebuild had already dropped).
 
+One exception, which keeps the argument: while Postgres cannot be reached at
+all, a lane whose own store still answers writes the generation it last took
+up *unconfirmed* (:mod:`engine.lane`). A switch may then retire that
+generation without the lane's writes being covered, so nothing is claimed for
+them (no progress recorded, no Kafka commit past them) until the lane holds
+the fence again; if the generation changed meanwhile, it applies them again to
+the new one before anything else, so every event after the switch's bound
+still reaches the new generation. A lane that cannot take the lock because a
+rebuild holds it (a timeout, not an unreachable server) still just waits.
+
 **Readers' pointers.** Postgres readers use a view, which the switch
 transaction re-points, so it moves atomically with the record. Elasticsearch
 readers use an alias and Redis readers a pointer key; neither can join a

@@ -14,13 +14,34 @@ back only its own lane. Failures are handled by kind:
 A dead letter parks its aggregate (see :mod:`engine.postgres.deadletters` for
 the argument): before applying, the lane records the events of parked
 aggregates that lie behind the hole as letters parked behind the first one,
-and applies only the rest. An event the lane itself dead-letters parks its
-aggregate for this projection, so the aggregate's later events of the same
-batch, isolated one by one, are parked too. The check (one indexed query per
-batch) and recording a parked letter wait out a Postgres outage like any dead
-letter, so while Postgres is down every lane waits, whatever its store:
-applying an event unchecked could fold it over a hole, and skipping it would
-lose it.
+and applies only the rest. It knows which aggregates are parked from a set it
+keeps in memory (loaded from Postgres at start and after a rebalance, added to
+by every park made on its behalf), so the common case, nothing parked, costs
+no query; only an event of an aggregate in the set is looked up, under lock.
+An event the lane itself dead-letters parks its aggregate for this
+projection, so the aggregate's later events of the same batch, isolated one
+by one, are parked too.
+
+A Postgres outage pauses what needs Postgres and nothing else. A lane needs
+Postgres for its store (a Postgres projection), for the generation fence of a
+rebuildable store, to park or dead-letter an event, and to record progress.
+When only the fence is out of reach (Postgres unreachable, *not* a fence held
+by a rebuild), a lane whose own store still answers applies *unconfirmed*: to
+the generation it last took up, keeping the applied events in memory
+(bounded by ``unconfirmed_max_events``; past it, the lane waits like the
+others). Unconfirmed work is claimed nowhere: the lane records no progress
+(so no consistency token passes on it) and ``commit_offset`` stays at the
+first unconfirmed offset (so a restart re-reads it). The first fence taken
+afterwards confirms it: if the current generation is still the one written,
+the work stands; if a rebuild switched meanwhile (it could, it does not see a
+writer that holds no fence), the events are applied again, in order, to the
+new generation before anything else. Stores apply idempotently by version, so
+the events the rebuild's replay already covered change nothing, and the ones
+after its bound, which only this lane applied, reach the new generation too.
+Then the progress is recorded and the commit floor released. An event of a
+parked aggregate, or one that must be dead-lettered, still waits for Postgres
+(skipping it would lose it), as does a lane starting up or reloading its set
+of parked aggregates.
 
 ``next_offset[tp]`` is the lowest offset of partition ``tp`` this lane has not
 finished; the runner commits, per partition, the minimum over all lanes.
@@ -29,6 +50,7 @@ finished; the runner commits, per partition, the minimum over all lanes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -42,7 +64,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
-from engine.errors import TransientError
+from engine.errors import ServiceUnavailableError, TransientError
 from engine.generations import GenerationFence, take_up
 from engine.postgres.checkpoints import CheckpointStore, PartitionProgress
 from engine.postgres.deadletters import DeadLetterStore, NewDeadLetter
@@ -150,6 +172,19 @@ class Lane:
         self.waiting_since: float | None = None
         # The generation this lane last set up and pointed readers at (None: none yet).
         self._taken_up: int | None = None
+        # Aggregates parked for this projection or for all (None: to be loaded).
+        self._parked: set[str] | None = None
+        # Applied without the fence while Postgres was unreachable (module doc): the
+        # events, in order, the generation they went to, and per partition the first
+        # offset not confirmed, which Kafka commits must not pass.
+        self._unconfirmed: list[Projected] = []
+        self._unconfirmed_generation: int | None = None
+        self._fence_retry_at = 0.0  # while unconfirmed: when to try the fence again
+        self.unconfirmed_from: dict[TopicPartition, int] = {}
+        # Progress not recorded yet (unconfirmed, or the write failed): recorded with
+        # the next batch that may record, so no partition's record stays behind.
+        self._unrecorded: dict[TopicPartition, PartitionProgress] = {}
+        self._unrecorded_changed = 0
 
     @property
     def name(self) -> str:
@@ -158,6 +193,23 @@ class Lane:
     @property
     def idle(self) -> bool:
         return not self.busy and self.queue.empty()
+
+    def commit_offset(self, tp: TopicPartition) -> int | None:
+        """How far Kafka may commit ``tp`` for this lane: not past unconfirmed work."""
+        offset = self.next_offset.get(tp)
+        unconfirmed = self.unconfirmed_from.get(tp)
+        if offset is None or unconfirmed is None:
+            return offset
+        return min(offset, unconfirmed)
+
+    def note_parked(self, aggregate_ids: Sequence[str]) -> None:
+        """Aggregates parked on this lane's behalf (by the dispatcher's dead letters)."""
+        if self._parked is not None:
+            self._parked.update(aggregate_ids)
+
+    def forget_parked(self) -> None:
+        """Reload the parked aggregates before the next batch (partitions were assigned)."""
+        self._parked = None
 
     def note_start(self, batch: Batch) -> None:
         """Remember the first offset of each partition this lane is responsible for."""
@@ -168,7 +220,17 @@ class Lane:
         """Set the store up, then take batches from the queue for ever (the runner cancels it)."""
         await self._setup()
         while True:
-            batch = await self.queue.get()
+            if self._unconfirmed or self._unrecorded:
+                # Idle with work to settle: without new events it would wait for ever.
+                try:
+                    batch = await asyncio.wait_for(
+                        self.queue.get(), timeout=self._settings.backoff_max_s
+                    )
+                except TimeoutError:
+                    await self._settle()
+                    continue
+            else:
+                batch = await self.queue.get()
             self.busy = True
             try:
                 await self.process(batch)
@@ -184,7 +246,7 @@ class Lane:
         """
 
         async def set_up() -> None:
-            async with self._current_store() as store:
+            async with self._current_store() as (store, _):
                 if self._taken_up is None:  # not rebuildable: nothing took it up
                     await store.setup()
 
@@ -206,7 +268,57 @@ class Lane:
                 self.next_offset[delivery.tp] = done
         # Events this projection does not handle count as done too: a reader
         # waiting for one of them must not wait for ever.
-        await _best_effort(self._checkpoints.advance(self.name, batch.progress, changed))
+        self._note_progress(batch.progress, changed)
+        if self._unconfirmed:
+            for delivery in batch:
+                self.unconfirmed_from.setdefault(delivery.tp, delivery.offset)
+            return
+        self.unconfirmed_from.clear()
+        await self._record_progress()
+
+    async def _settle(self) -> None:
+        """Confirm unconfirmed work and record progress, between batches (module doc)."""
+        if self.detached:  # its catch-up settles them, with the events it applies
+            return
+        self.busy = True
+        try:
+            if self._unconfirmed:
+                self._fence_retry_at = 0.0  # this is the time to try again
+                try:
+                    async with self._current_store() as (_, confirmed):
+                        pass
+                except Exception as exc:
+                    log.debug("%s: cannot confirm yet: %s", self.name, exc)
+                    return
+                if not confirmed:
+                    return
+                self.unconfirmed_from.clear()
+            await self._record_progress()
+        finally:
+            self.busy = False
+
+    def _note_progress(self, progress: Sequence[PartitionProgress], changed: int) -> None:
+        for p in progress:
+            tp = TopicPartition(p.topic, p.partition)
+            seen = self._unrecorded.get(tp)
+            self._unrecorded[tp] = p if seen is None else _later(seen, p)
+        self._unrecorded_changed += changed
+
+    async def _record_progress(self) -> None:
+        """Record every partition's progress not recorded yet (best effort, kept if it fails)."""
+        if not self._unrecorded:
+            return
+        progress, changed = list(self._unrecorded.values()), self._unrecorded_changed
+        try:
+            await self._checkpoints.advance(self.name, progress, changed)
+        except Exception as exc:  # for operators; the next batch records it
+            log.debug("%s: progress not recorded yet: %s", self.name, exc)
+            return
+        for p in progress:
+            tp = TopicPartition(p.topic, p.partition)
+            if self._unrecorded.get(tp) is p:
+                del self._unrecorded[tp]
+        self._unrecorded_changed -= changed
 
     async def _apply(self, deliveries: list[Delivery]) -> int:
         """Apply ``deliveries``; the number of changes the store made."""
@@ -269,24 +381,32 @@ class Lane:
         """Park the deliveries behind a dead letter of their aggregate; the ones to apply."""
         if not deliveries:
             return deliveries
-        ids = [aggregate_id for d in deliveries if (aggregate_id := aggregate_of(d)[0])]
-
-        async def parked_ones() -> set[tuple[int, int]]:
-            # Unlocked first: almost always nothing is parked, and absence cannot be
-            # stale here (see engine.postgres.deadletters); presence is decided under lock.
-            parked = await self._dead_letters.parked_aggregates(self.name, ids)
-            candidates = [
-                self._parked_letter(d) for d in deliveries if aggregate_of(d)[0] in parked
-            ]
-            return await self._dead_letters.park_behind(candidates)
 
         async def warn(exc: Exception) -> None:
             log.warning("%s: cannot check or record parked events yet: %s", self.name, exc)
 
-        held = await retrying(parked_ones, self._backoff(), retry_if=any_error, on_failure=warn)
-        if held:
-            log.info("%s: parked %d event(s) behind dead letters", self.name, len(held))
-        return [d for d in deliveries if (d.tp.partition, d.offset) not in held]
+        if self._parked is None:
+            self._parked = await retrying(
+                lambda: self._dead_letters.parked_ids(self.name),
+                self._backoff(),
+                retry_if=any_error,
+                on_failure=warn,
+            )
+        parked = self._parked
+        candidates = [self._parked_letter(d) for d in deliveries if aggregate_of(d)[0] in parked]
+        if not candidates:
+            return deliveries
+        parking = await retrying(
+            lambda: self._dead_letters.park_behind(candidates),
+            self._backoff(),
+            retry_if=any_error,
+            on_failure=warn,
+        )
+        # Unparked by a replay since the set was loaded: no need to look them up again.
+        parked -= {c.aggregate_id for c in candidates if c.aggregate_id} - parking.parked
+        if parking.held:
+            log.info("%s: parked %d event(s) behind dead letters", self.name, len(parking.held))
+        return [d for d in deliveries if (d.tp.partition, d.offset) not in parking.held]
 
     def _parked_letter(self, delivery: Delivery) -> NewDeadLetter:
         aggregate_id, version = aggregate_of(delivery)
@@ -300,31 +420,90 @@ class Lane:
     async def _store_apply(self, items: list[Projected]) -> int:
         self.waiting_since = time.monotonic()
         try:
-            async with self._current_store() as store:
-                return await store.apply(items)
+            async with self._current_store() as (store, confirmed):
+                changed = await store.apply(items)
+            if not confirmed:
+                self._unconfirmed.extend(items)
+            return changed
         finally:  # an answer, even an error, is progress: the store is not hung
             self.waiting_since = None
 
     @asynccontextmanager
-    async def _current_store(self) -> AsyncIterator[ProjectionStore]:
-        """The store of the current generation, held inside the rebuild fence.
+    async def _current_store(self) -> AsyncIterator[tuple[ProjectionStore, bool]]:
+        """The store of the current generation, held inside the rebuild fence; and whether fenced.
 
         The generation is read from the database under the fence for every
         write; when it differs from the one this lane last took up (or at
         start), the lane takes it up: sets it up and points readers at it. A
-        fence that cannot be taken raises TransientError: no write happens.
+        fence that cannot be taken raises TransientError: no write happens,
+        except when only Postgres is out of reach and the lane may go on
+        unconfirmed (module doc), which yields ``False``.
         """
         store = self.store
         if self._fence is None or not isinstance(store, RebuildableStore):
-            yield store
+            yield store, True
             return
-        async with self._fence.hold() as fenced:
+        async with contextlib.AsyncExitStack() as fence:
+            # Known out of reach a moment ago: no connect timeout on every batch.
+            skip = time.monotonic() < self._fence_retry_at and self._may_go_unconfirmed()
+            try:
+                if skip:
+                    raise ServiceUnavailableError("PostgreSQL", "(the generation fence)")
+                fenced = await fence.enter_async_context(self._fence.hold())
+            except ServiceUnavailableError as exc:
+                if not self._may_go_unconfirmed():
+                    raise
+                if not skip:
+                    self._fence_retry_at = time.monotonic() + self._settings.backoff_max_s
+                if not self._unconfirmed:
+                    log.warning(
+                        "%s: applying unconfirmed to generation %s: %s",
+                        self.name,
+                        self._taken_up,
+                        exc,
+                    )
+                self._unconfirmed_generation = self._taken_up
+                yield store, False
+                return
             if fenced.generation != self._taken_up:
                 if self._taken_up is not None:
                     log.info("%s: switching to generation %d", self.name, fenced.generation)
                 self.store = store = await take_up(store, fenced)
                 self._taken_up = fenced.generation
-            yield store
+            await self._confirm(store, fenced.generation)
+            yield store, True
+
+    def _may_go_unconfirmed(self) -> bool:
+        return (
+            self._taken_up is not None
+            and len(self._unconfirmed) < self._settings.unconfirmed_max_events
+        )
+
+    async def _confirm(self, store: ProjectionStore, generation: int) -> None:
+        """Under the fence: settle what was applied without it (module doc)."""
+        if not self._unconfirmed:
+            return
+        if generation != self._unconfirmed_generation:
+            log.warning(
+                "%s: generation %s was switched to %d while Postgres was unreachable;"
+                " applying %d unconfirmed event(s) again to it",
+                self.name,
+                self._unconfirmed_generation,
+                generation,
+                len(self._unconfirmed),
+            )
+            try:
+                await store.apply(self._unconfirmed)
+            except TransientError:
+                raise
+            except Exception as exc:  # not the event in hand's fault: retry, never dead-letter
+                raise TransientError(
+                    f"cannot apply unconfirmed events again: {type(exc).__name__}: {exc}"
+                ) from exc
+        else:
+            log.info("%s: %d unconfirmed event(s) confirmed", self.name, len(self._unconfirmed))
+        self._unconfirmed.clear()
+        self._unconfirmed_generation = None
 
     async def close(self) -> None:
         if self._fence is not None:
@@ -343,6 +522,8 @@ class Lane:
             retry_if=any_error,
             on_failure=warn,
         )
+        if letter.aggregate_id is not None and letter.aggregate_version is not None:
+            self.note_parked([letter.aggregate_id])  # the letter parked its aggregate
 
     def _backoff(self) -> Backoff:
         """A fresh backoff for one retried step (each starts short)."""
@@ -377,6 +558,18 @@ def progress_of(batch: Sequence[Delivery]) -> list[PartitionProgress]:
         PartitionProgress(tp.topic, tp.partition, offset, position, event_at)
         for tp, (offset, position, event_at) in seen.items()
     ]
+
+
+def _later(a: PartitionProgress, b: PartitionProgress) -> PartitionProgress:
+    """The progress of one partition that covers both ``a`` and ``b``."""
+    event_at = max((t for t in (a.event_at, b.event_at) if t is not None), default=None)
+    return PartitionProgress(
+        a.topic,
+        a.partition,
+        max(a.next_offset, b.next_offset),
+        max(a.position, b.position),
+        event_at,
+    )
 
 
 async def _best_effort(step: Any) -> None:

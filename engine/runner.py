@@ -267,6 +267,9 @@ class ProjectionRunner:
                 )
         if record_poison and poison:
             await self._record_poison(poison)
+            parked = [p.aggregate_id for p in poison if p.aggregate_id and p.aggregate_version]
+            for lane in self.lanes:  # before any lane gets the batch (deadletters module)
+                lane.note_parked(parked)
         return batch
 
     async def _record_poison(self, poison: list[NewDeadLetter]) -> None:
@@ -449,7 +452,7 @@ class ProjectionRunner:
         wanted = partitions if partitions is not None else list(self._dispatched)
         safe: dict[TopicPartition, int] = {}
         for tp in wanted:
-            offsets = [lane.next_offset.get(tp) for lane in self.lanes]
+            offsets = [lane.commit_offset(tp) for lane in self.lanes]
             if all(o is not None for o in offsets):
                 safe[tp] = min(o for o in offsets if o is not None)
         return safe
@@ -501,6 +504,7 @@ class ProjectionRunner:
             self._committed.pop(tp, None)
             for lane in self.lanes:
                 lane.next_offset.pop(tp, None)
+                lane.unconfirmed_from.pop(tp, None)
         for lane in self.lanes:
             if not lane.detached or lane.name in self.stranded:
                 continue
@@ -539,3 +543,6 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("partitions assigned: %s", sorted(assigned))
+        for lane in self._runner.lanes:
+            # Another daemon may have parked aggregates on these partitions.
+            lane.forget_parked()

@@ -168,6 +168,10 @@ class RunnerSettings(_Section):
     stall_timeout_s: float = Field(default=3.0, gt=0)
     # A handler that keeps failing (not a store outage) this many times is dead-lettered.
     max_attempts: int = Field(default=3, ge=1, le=100)
+    # While Postgres is unreachable, a lane whose own store answers keeps applying,
+    # unconfirmed, up to this many events (kept in memory to apply again if a rebuild
+    # switched generations meanwhile); past it, the lane waits for Postgres too.
+    unconfirmed_max_events: int = Field(default=20_000, ge=0, le=1_000_000)
     backoff_initial_s: float = Field(default=0.2, gt=0)
     backoff_max_s: float = Field(default=10.0, gt=0)
     shutdown_timeout_s: float = Field(default=20.0, gt=0)

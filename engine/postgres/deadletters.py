@@ -34,11 +34,17 @@ unparked and applies the event itself (after the whole sequence: the replay
 applied it first). If the lane commits first, the replay, which reads the
 letters only after taking its lock, finds and applies the new letter. Either
 way each event is applied or parked behind a replay that has not read yet.
-The lane's first, unlocked look (one indexed query per batch) can only miss a
-row that does not exist yet; park rows are created only by the dispatcher
-(before it dispatches the batch whose letter it is) and by the lane itself,
-both before that lane reaches the aggregate's later events; a replay only
-deletes rows. Waits for these locks are bounded (``lock_timeout``) and retried.
+The lane's first look is not a query but the set of its projection's parked
+aggregates it keeps in memory (loaded by :meth:`DeadLetterStore.parked_ids`,
+kept up to date by whoever parks on its behalf): it can only miss a row that
+does not exist yet. Park rows are created only by the dispatcher (before it
+dispatches the batch whose letter it is, adding the aggregate to every lane's
+set) and by the lane itself, both before that lane reaches the aggregate's
+later events; a replay only deletes rows. A daemon that is assigned
+partitions reloads the set, since another daemon may have parked aggregates
+on them. A set that still names an aggregate a replay has unparked costs one
+locked look, which finds the row gone. Waits for these locks are bounded
+(``lock_timeout``) and retried.
 """
 
 from __future__ import annotations
@@ -180,6 +186,16 @@ def _letter(row: asyncpg.Record) -> DeadLetter:
     return DeadLetter(**{**dict(row), "headers": json.loads(row["headers"])})
 
 
+@dataclass(frozen=True)
+class Parking:
+    """What :meth:`DeadLetterStore.park_behind` did."""
+
+    held: set[tuple[int, int]]
+    """(partition, offset) of the letters parked: not to be applied."""
+    parked: set[str]
+    """The letters' aggregates that are parked (some of their events may still apply)."""
+
+
 class DeadLetterStore:
     """Dead letters in Postgres. Recording the same (projection, message) twice keeps one."""
 
@@ -200,20 +216,21 @@ class DeadLetterStore:
             for letter in letters:
                 await _record_one(conn, letter)
 
-    async def park_behind(self, letters: Sequence[NewDeadLetter]) -> set[tuple[int, int]]:
+    async def park_behind(self, letters: Sequence[NewDeadLetter]) -> Parking:
         """Record those of ``letters`` whose aggregate is parked for their projection.
 
         Each is parked behind the first letter of its aggregate, if its version
         is above that letter's. Returns the (partition, offset) of every letter
-        parked (recorded now or before); the caller applies the others. The
-        park rows are read ``FOR SHARE`` in the transaction that records the
-        letters, so a replay running on them is waited for (module doc).
+        parked (recorded now or before), which the caller does not apply, and
+        which of the letters' aggregates are parked at all. The park rows are
+        read ``FOR SHARE`` in the transaction that records the letters, so a
+        replay running on them is waited for (module doc).
         """
         if not letters:
-            return set()
+            return Parking(set(), set())
         projections = sorted({d.projection for d in letters} | {ALL_PROJECTIONS})
         aggregates = sorted({d.aggregate_id for d in letters if d.aggregate_id is not None})
-        parked: set[tuple[int, int]] = set()
+        held: set[tuple[int, int]] = set()
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
             rows = await conn.fetch(
@@ -227,16 +244,18 @@ class DeadLetterStore:
                 head = _head_for(rows, letter)
                 if head is not None:
                     await _insert(conn, letter, parked_behind=head)
-                    parked.add((letter.partition, letter.offset))
-        return parked
+                    held.add((letter.partition, letter.offset))
+        return Parking(held, {r["aggregate_id"] for r in rows})
 
-    async def parked_aggregates(self, projection: str, aggregate_ids: Sequence[str]) -> set[str]:
-        """Which of ``aggregate_ids`` are parked for ``projection`` (or ``*``); no lock taken."""
+    async def parked_ids(self, projection: str) -> set[str]:
+        """Every aggregate parked for ``projection`` (its own parks and those of ``*``).
+
+        Unlocked: a lane keeps this set and asks :meth:`park_behind` (locked)
+        only about the aggregates in it (see :mod:`engine.lane`).
+        """
         rows = await self._pool.fetch(
-            "SELECT aggregate_id FROM engine_parked WHERE projection = ANY($1)"
-            " AND aggregate_id = ANY($2)",
+            "SELECT DISTINCT aggregate_id FROM engine_parked WHERE projection = ANY($1)",
             [projection, ALL_PROJECTIONS],
-            sorted(set(aggregate_ids)),
         )
         return {r["aggregate_id"] for r in rows}
 
