@@ -5,6 +5,7 @@ from __future__ import annotations
 from engine.application import Application
 from engine.generations import GenerationFence
 from engine.lane import Lane
+from engine.lane_state import LaneStateRecorder
 from engine.postgres.checkpoints import CheckpointStore
 from engine.postgres.deadletters import DeadLetterStore
 from engine.projection import RebuildableStore
@@ -21,7 +22,8 @@ def build_runner(
     """A runner with one lane per projection of ``application``.
 
     ``dead_letters`` defaults to the store in ``resources``' database (a test
-    passes its own to inject faults).
+    passes its own to inject faults). The runner records its lanes' state for
+    ``engine status`` in that database too (:mod:`engine.lane_state`).
     """
     settings = resources.settings
     dead_letters = dead_letters or DeadLetterStore(resources.pool)
@@ -46,4 +48,5 @@ def build_runner(
         lanes,
         dead_letters=dead_letters,
         checkpoints=checkpoints,
+        observer=LaneStateRecorder(resources.pool, settings.runner),
     )

@@ -175,6 +175,12 @@ class RunnerSettings(_Section):
     backoff_initial_s: float = Field(default=0.2, gt=0)
     backoff_max_s: float = Field(default=10.0, gt=0)
     shutdown_timeout_s: float = Field(default=20.0, gt=0)
+    # How often the daemon records each lane's state for `engine status`; a daemon
+    # silent for three times this long is taken for dead (killed or hung).
+    state_interval_s: float = Field(default=2.0, gt=0, le=600)
+    # `engine status` calls a projection stalled when events have waited this long
+    # and its progress on their partition has not moved for as long.
+    stalled_after_s: float = Field(default=30.0, gt=0)
 
 
 class ApiSettings(_Section):

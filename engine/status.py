@@ -1,4 +1,4 @@
-"""Where each projection stands (position, lag, dead letters, parked aggregates, last error).
+"""Where each projection stands (state, position, lag, dead letters, parked aggregates, errors).
 
 Cheap enough to answer on every ``GET /status``: a few indexed queries, one
 metadata and two offset requests to Kafka and, only for partitions a
@@ -19,6 +19,11 @@ newest *applied* event, which the progress rows hold, would be cheaper but
 wrong for an idle partition: quiet for a day, it would show a day of lag on
 its first new event. How long events wait in the outbox before they are
 published is reported separately (``OutboxStatus``).
+
+The state (attached, catching up, detached, stranded, parked, stalled, no
+daemon) combines what each live daemon records about its lanes with the lag
+and parked aggregates read here, worst first; :mod:`engine.lane_state` has the
+rules and why a silent daemon's word no longer counts.
 """
 
 from __future__ import annotations
@@ -38,12 +43,21 @@ from pydantic import BaseModel, ConfigDict, computed_field
 from engine.application import Application
 from engine.errors import ServiceUnavailableError
 from engine.generations import current_generation
+from engine.lane_state import (
+    UNHEALTHY,
+    LaneState,
+    Recorded,
+    Waiting,
+    projection_state,
+    read_recorded,
+    stale_after_s,
+)
 from engine.postgres import outbox
 from engine.postgres.checkpoints import Checkpoint, CheckpointStore, PartitionProgress
 from engine.postgres.deadletters import DeadLetterStore, Parked
 from engine.postgres.pool import CONNECTION_ERRORS, not_migrated, unavailable
 from engine.resources import Resources
-from engine.settings import KafkaSettings, Settings, env_var
+from engine.settings import KafkaSettings, RunnerSettings, Settings, env_var
 
 # Reading the first unprocessed record of a partition should take milliseconds;
 # past this, its time is reported as unknown rather than holding the caller.
@@ -119,6 +133,11 @@ class ProjectionStatus(_Model):
     partitions: list[PartitionLag] = []
     parked: list[ParkedAggregate] = []
     """Aggregates whose later events wait behind a dead letter, for this projection or ``*``."""
+    state: LaneState = LaneState.NO_DAEMON
+    """attached, catching up, detached, stranded, parked, stalled or no daemon: the worst of
+    what the live daemons report for it and what its lag and dead letters show."""
+    state_reason: str | None = None
+    """Why it is in that state (the findings, worst first); None when plainly attached."""
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -135,8 +154,14 @@ class ProjectionStatus(_Model):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def healthy(self) -> bool:
-        """No current error, no dead letter waiting, no aggregate parked; lag is no failure."""
-        return not self.error_current and self.dead_letters == 0 and not self.parked
+        """No current error, no dead letter waiting, no aggregate parked, not stranded, stalled
+        or detached; lag alone is no failure."""
+        return (
+            not self.error_current
+            and self.dead_letters == 0
+            and not self.parked
+            and self.state not in UNHEALTHY
+        )
 
 
 class OutboxStatus(_Model):
@@ -180,10 +205,22 @@ async def collect_status(
         collected_at=now,
         topic=settings.kafka.topic,
         projections=[
-            _projection(
-                name, recorded.checkpoints.get(name), recorded.dead_letters[name], lags[name], now
-            ).model_copy(
-                update={"generation": recorded.generations[name], "parked": recorded.parked[name]}
+            _with_state(
+                _projection(
+                    name,
+                    recorded.checkpoints.get(name),
+                    recorded.dead_letters[name],
+                    lags[name],
+                    now,
+                ).model_copy(
+                    update={
+                        "generation": recorded.generations[name],
+                        "parked": recorded.parked[name],
+                    }
+                ),
+                recorded.lanes,
+                settings.runner,
+                now,
             )
             for name in names
         ],
@@ -224,6 +261,30 @@ def _projection(
     )
 
 
+def _with_state(
+    status: ProjectionStatus, lanes: Recorded, runner: RunnerSettings, now: datetime
+) -> ProjectionStatus:
+    """``status`` with its state: the daemons' rows, combined with its lag and parked aggregates."""
+    ages = lanes.progress_ages[status.name]
+    waiting = [
+        Waiting(
+            partition=p.partition,
+            events=p.lag_events,
+            waited_s=_age(p.oldest_unapplied_at, now),
+            progress_age_s=ages.get(p.partition),
+        )
+        for p in status.partitions
+    ]
+    state, reason = projection_state(
+        lanes.reports[status.name],
+        waiting,
+        parked=status.parked_aggregates,
+        stale_after_s=stale_after_s(runner),
+        stalled_after_s=runner.stalled_after_s,
+    )
+    return status.model_copy(update={"state": state, "state_reason": reason})
+
+
 def _recovered_at(checkpoint: Checkpoint, never_finished: bool) -> datetime | None:
     """The latest success recorded after the last error (the error is not current)."""
     if checkpoint.last_error_at is None:
@@ -258,6 +319,7 @@ class _Recorded:
     dead_letters: dict[str, int]
     parked: dict[str, list[ParkedAggregate]]
     backlog: outbox.Backlog
+    lanes: Recorded
 
 
 async def _read_postgres(pool: asyncpg.Pool, names: Sequence[str], settings: Settings) -> _Recorded:
@@ -268,6 +330,7 @@ async def _read_postgres(pool: asyncpg.Pool, names: Sequence[str], settings: Set
         progress = {n: await checkpoints.progress(n, settings.kafka.topic) for n in names}
         dead_letters = {n: await letters.count(n) for n in names}
         parked = {n: [_parked(p) for p in await letters.parked(n)] for n in names}
+        lanes = await read_recorded(pool, names, settings.kafka.topic)
         async with pool.acquire() as conn:
             backlog = await outbox.pending_backlog(conn)
             generations = {n: await current_generation(conn, n) for n in names}
@@ -275,7 +338,7 @@ async def _read_postgres(pool: asyncpg.Pool, names: Sequence[str], settings: Set
         raise not_migrated(exc) from exc
     except CONNECTION_ERRORS as exc:
         raise unavailable(settings.postgres) from exc
-    return _Recorded(recorded, generations, progress, dead_letters, parked, backlog)
+    return _Recorded(recorded, generations, progress, dead_letters, parked, backlog, lanes)
 
 
 def _parked(row: Parked) -> ParkedAggregate:

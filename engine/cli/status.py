@@ -12,6 +12,7 @@ from rich.text import Text
 
 from engine.application import load_application
 from engine.cli.app import ExitCode, app, err_console, load_settings, run_reporting_errors
+from engine.lane_state import UNHEALTHY, LaneState
 from engine.resources import open_resources
 from engine.settings import Settings
 from engine.status import EngineStatus, ProjectionStatus, collect_status
@@ -29,11 +30,13 @@ def status_command(
         bool, typer.Option("--json", help="Print the status as one JSON document.")
     ] = False,
 ) -> None:
-    """Show each projection's position, lag, dead letters, parked aggregates, last error, outbox.
+    """Show each projection's state, position, lag, dead letters, parked aggregates, last error.
 
-    Exits 1 when a projection is failing now or has dead letters waiting (lag
-    alone is not a failure), 4 when PostgreSQL or Kafka cannot be reached.
-    For the services themselves, see `engine stack status`.
+    The state is attached, catching up, detached, stranded, parked, stalled or
+    no daemon, with the reason. Exits 1 when a projection is failing now, has
+    dead letters waiting, or is stranded, stalled or detached (lag alone is not
+    a failure), 4 when PostgreSQL or Kafka cannot be reached. For the services
+    themselves, see `engine stack status`.
     """
     settings = load_settings()
     status = run_reporting_errors(lambda: asyncio.run(_collect(settings)))
@@ -45,8 +48,9 @@ def status_command(
     unhealthy = [p.name for p in status.projections if not p.healthy]
     if unhealthy:
         err_console().print(
-            f"needs attention: {', '.join(unhealthy)} (a current error, dead letters or"
-            " parked aggregates; see `engine dlq list` and `engine dlq replay`)",
+            f"needs attention: {', '.join(unhealthy)} (stranded, stalled or detached, a current"
+            " error, dead letters or parked aggregates; see the state's reason, `engine dlq"
+            " list` and `engine dlq replay`)",
             highlight=False,
         )
         raise typer.Exit(ExitCode.FAILED)
@@ -55,12 +59,14 @@ def status_command(
 def _table(status: EngineStatus) -> Table:
     table = Table(title=f"projections of topic {status.topic}", title_justify="left")
     table.add_column("projection", no_wrap=True)
+    table.add_column("state", overflow="fold")
     for numeric in ("position", "applied", "lag events", "lag seconds", "dead letters", "parked"):
         table.add_column(numeric, justify="right")
     table.add_column("last error", overflow="fold")
     for p in status.projections:
         table.add_row(
             p.name,
+            _state(p),
             str(p.position),
             str(p.applied),
             str(p.lag_events),
@@ -70,6 +76,18 @@ def _table(status: EngineStatus) -> Table:
             _last_error(p),
         )
     return table
+
+
+def _state(p: ProjectionStatus) -> Text:
+    # Red: someone should look; green: nothing to say; yellow: passing, or worth a look.
+    if p.state in UNHEALTHY:
+        style = "bold red"
+    else:
+        style = "green" if p.state is LaneState.ATTACHED else "yellow"
+    state = Text(p.state.value, style=style)
+    if p.state_reason:
+        state.append(f": {p.state_reason[:240]}", style="")
+    return state
 
 
 def _last_error(p: ProjectionStatus) -> Text:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine.generations import GENERATION_MIGRATIONS
+from engine.lane_state import LANE_STATE_MIGRATIONS
 from engine.postgres.checkpoints import PROGRESS_MIGRATIONS
 from engine.postgres.deadletters import DEAD_LETTER_MIGRATIONS
 from engine.postgres.outbox import OUTBOX_MIGRATIONS
@@ -14,4 +15,5 @@ ENGINE_MIGRATIONS = (
     *DEAD_LETTER_MIGRATIONS,
     *GENERATION_MIGRATIONS,
     *PROGRESS_MIGRATIONS,
+    *LANE_STATE_MIGRATIONS,
 )

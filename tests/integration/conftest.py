@@ -26,7 +26,7 @@ _TABLES = (
     "order_items, orders, products, customers, engine_outbox, engine_event_log, engine_commands,"
     " engine_projection_versions, engine_dead_letters, engine_projection_checkpoints,"
     " engine_projection_generations, engine_partition_progress, engine_outbox_purged,"
-    " engine_parked"
+    " engine_parked, engine_lane_states"
 )
 
 

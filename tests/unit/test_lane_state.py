@@ -1,0 +1,227 @@
+"""The lane-state rules: a lane's state as its daemon sees it, and a projection's in status."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from engine.lane_state import (
+    DaemonReport,
+    LaneState,
+    Waiting,
+    lane_state,
+    projection_state,
+    stale_after_s,
+)
+from engine.settings import RunnerSettings
+
+A, B = "host:1:aaaaaa", "host:2:bbbbbb"
+STALE_S, STALLED_S = 6.0, 30.0
+
+
+def _lane(**changes: object) -> tuple[LaneState, str | None]:
+    facts: dict[str, object] = {
+        "detached": False,
+        "failing": None,
+        "ready": True,
+        "unanswered_s": None,
+        "stranded": None,
+        "catching_up": False,
+        "hung_after_s": 3.0,
+        **changes,
+    }
+    return lane_state(**facts)  # type: ignore[arg-type]
+
+
+def test_a_ready_attached_lane_is_attached_with_nothing_to_say() -> None:
+    assert _lane() == (LaneState.ATTACHED, None)
+    assert _lane(unanswered_s=0.5) == (LaneState.ATTACHED, None)  # a store call in flight
+
+
+def test_an_attached_lane_in_trouble_is_still_attached_and_says_what_it_waits_for() -> None:
+    assert _lane(failing="ConnectionError: refused") == (
+        LaneState.ATTACHED,
+        "attached, retrying: ConnectionError: refused",
+    )
+    assert _lane(unanswered_s=4.2) == (
+        LaneState.ATTACHED,
+        "attached, waiting: its store has not answered for 4s",
+    )
+    assert _lane(ready=False) == (LaneState.ATTACHED, "attached, setting up its store")
+
+
+def test_stranded_wins_over_everything() -> None:
+    why = "order_search is stopped: run `engine rebuild order_search`"
+    for changes in ({}, {"detached": True, "catching_up": True, "failing": "x"}):
+        assert _lane(stranded=why, **changes) == (LaneState.STRANDED, why)
+
+
+def test_a_detached_lane_catching_up_with_an_answering_store_is_catching_up() -> None:
+    assert _lane(detached=True, catching_up=True) == (
+        LaneState.CATCHING_UP,
+        "catching up alone from its own offsets",
+    )
+    # A store call in flight for less than the hung bound is normal catching up.
+    assert _lane(detached=True, catching_up=True, unanswered_s=1.0)[0] is LaneState.CATCHING_UP
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"failing": "ConnectionTimeout: read timed out"}, "ConnectionTimeout: read timed out"),
+        ({"unanswered_s": 12.4}, "its store has not answered for 12s"),
+        ({"ready": False}, "waiting for its store to be set up"),
+    ],
+)
+def test_a_detached_lane_whose_store_is_in_trouble_is_detached_with_that_reason(
+    changes: dict[str, object], reason: str
+) -> None:
+    # The runner counts it as catching up already; it is not, until its store answers.
+    for catching_up in (True, False):
+        assert _lane(detached=True, catching_up=catching_up, **changes) == (
+            LaneState.DETACHED,
+            reason,
+        )
+
+
+def test_a_detached_lane_not_catching_up_yet_is_detached() -> None:
+    state, reason = _lane(detached=True)
+    assert state is LaneState.DETACHED and reason
+
+
+def _report(
+    daemon: str,
+    state: LaneState = LaneState.ATTACHED,
+    reason: str | None = None,
+    partitions: Sequence[int] = (0, 1, 2),
+    age_s: float = 1.0,
+) -> DaemonReport:
+    return DaemonReport(daemon, state, reason, tuple(partitions), age_s)
+
+
+def _waiting(
+    partition: int, events: int = 0, waited_s: float | None = None, progress_age_s: float = 1.0
+) -> Waiting:
+    return Waiting(partition, events, waited_s if events else None, progress_age_s)
+
+
+CAUGHT_UP = [_waiting(0), _waiting(1), _waiting(2)]
+
+
+def _state(
+    reports: Sequence[DaemonReport], waiting: Sequence[Waiting] = CAUGHT_UP, parked: int = 0
+) -> tuple[LaneState, str | None]:
+    return projection_state(
+        reports, waiting, parked=parked, stale_after_s=STALE_S, stalled_after_s=STALLED_S
+    )
+
+
+def test_rows_go_stale_after_three_intervals() -> None:
+    assert stale_after_s(RunnerSettings(state_interval_s=0.5)) == 1.5
+
+
+def test_a_live_attached_daemon_makes_it_attached() -> None:
+    assert _state([_report(A)]) == (LaneState.ATTACHED, None)
+    assert _state([_report(A, reason="attached, retrying: boom")]) == (
+        LaneState.ATTACHED,
+        "attached, retrying: boom",
+    )
+
+
+def test_no_rows_is_no_daemon() -> None:
+    assert _state([]) == (LaneState.NO_DAEMON, "no daemon is running")
+
+
+def test_a_stale_row_without_lag_is_no_daemon_naming_the_last_one() -> None:
+    state, reason = _state([_report(A, age_s=40)])
+    assert state is LaneState.NO_DAEMON
+    assert reason is not None and A in reason and "40s ago" in reason
+
+
+def test_a_dead_daemon_with_events_waiting_stalls_it_naming_the_daemon() -> None:
+    waiting = [_waiting(0, events=5, waited_s=2.0), _waiting(1), _waiting(2)]
+    state, reason = _state([_report(A, age_s=9.6)], waiting)
+    assert state is LaneState.STALLED
+    assert reason == f"no report from daemon {A} for 10s while 5 events wait on partition 0"
+
+
+def test_a_dead_daemon_whose_partitions_a_live_one_took_over_is_ignored() -> None:
+    waiting = [_waiting(0, events=5, waited_s=2.0), _waiting(1), _waiting(2)]
+    reports = [_report(A, partitions=(0, 1), age_s=60), _report(B, partitions=(0, 1, 2))]
+    assert _state(reports, waiting) == (LaneState.ATTACHED, None)
+
+
+def test_a_dead_daemon_stalls_only_the_waiting_partitions_nobody_live_holds() -> None:
+    waiting = [_waiting(0, events=3, waited_s=1.0), _waiting(1, events=4, waited_s=1.0)]
+    reports = [_report(A, partitions=(1,), age_s=60), _report(B, partitions=(0, 2))]
+    state, reason = _state(reports, waiting)
+    assert state is LaneState.STALLED
+    assert reason is not None and "4 events wait on partition 1" in reason and A in reason
+
+
+def test_events_waiting_with_progress_older_than_the_limit_is_stalled() -> None:
+    stuck = [_waiting(0, events=7, waited_s=45.0, progress_age_s=50.0), _waiting(1), _waiting(2)]
+    state, reason = _state([_report(A)], stuck)
+    assert state is LaneState.STALLED
+    assert reason == "no progress on partition 0 for over 30s while 7 events wait (the oldest 45s)"
+
+
+@pytest.mark.parametrize(
+    "waiting",
+    [
+        # An idle partition's first new event: old progress, but the event is fresh.
+        _waiting(0, events=1, waited_s=0.5, progress_age_s=86_400.0),
+        # Events waited long, but the projection is moving through them.
+        _waiting(0, events=900, waited_s=45.0, progress_age_s=0.2),
+        # Waiting, but when the oldest was published could not be read: no claim.
+        Waiting(0, 3, None, 86_400.0),
+    ],
+)
+def test_lag_alone_is_not_a_stall(waiting: Waiting) -> None:
+    assert _state([_report(A)], [waiting])[0] is LaneState.ATTACHED
+
+
+def test_no_daemon_and_events_waiting_past_the_limit_is_stalled() -> None:
+    never = [Waiting(0, 2, 31.0, None)]  # no progress row: never processed
+    state, reason = _state([], never)
+    assert state is LaneState.STALLED and reason is not None
+    assert reason.startswith("no progress on partition 0") and "no daemon is running" in reason
+
+
+def test_parked_aggregates_make_an_attached_projection_parked() -> None:
+    assert _state([_report(A)], parked=3) == (
+        LaneState.PARKED,
+        "3 aggregates parked behind dead letters; see engine dlq list",
+    )
+    # Worse news wins, and the parked aggregates are still mentioned after it.
+    state, reason = _state([_report(A, LaneState.DETACHED, "ConnectionError")], parked=3)
+    assert state is LaneState.DETACHED
+    assert reason == "ConnectionError; 3 aggregates parked behind dead letters; see engine dlq list"
+
+
+def test_the_worst_daemon_wins_and_every_daemon_is_named_when_several() -> None:
+    reports = [
+        _report(A, LaneState.CATCHING_UP, "catching up alone from its own offsets"),
+        _report(B, LaneState.STRANDED, "retention deleted events it needed"),
+    ]
+    state, reason = _state(reports)
+    assert state is LaneState.STRANDED
+    assert reason == (
+        f"{B}: retention deleted events it needed; {A}: catching up alone from its own offsets"
+    )
+
+
+@pytest.mark.parametrize(
+    ("worse", "better"),
+    [
+        (LaneState.STRANDED, LaneState.STALLED),
+        (LaneState.STALLED, LaneState.DETACHED),
+        (LaneState.DETACHED, LaneState.CATCHING_UP),
+        (LaneState.CATCHING_UP, LaneState.PARKED),
+        (LaneState.PARKED, LaneState.ATTACHED),
+    ],
+)
+def test_worst_state_order(worse: LaneState, better: LaneState) -> None:
+    reports = [_report(A, better, "better"), _report(B, worse, "worse")]
+    assert _state(reports)[0] is worse
