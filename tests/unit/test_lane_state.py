@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any, cast
 
+import asyncpg
 import pytest
+from aiokafka import TopicPartition
 
 from engine.lane_state import (
     DaemonReport,
+    LaneReport,
     LaneState,
+    LaneStateRecorder,
     Waiting,
     lane_state,
     projection_state,
     stale_after_s,
 )
+from engine.runner import ProjectionRunner
 from engine.settings import RunnerSettings
 
 A, B = "host:1:aaaaaa", "host:2:bbbbbb"
@@ -225,3 +234,81 @@ def test_the_worst_daemon_wins_and_every_daemon_is_named_when_several() -> None:
 def test_worst_state_order(worse: LaneState, better: LaneState) -> None:
     reports = [_report(A, better, "better"), _report(B, worse, "worse")]
     assert _state(reports)[0] is worse
+
+
+# -- the recorder, with Postgres faults injected ---------------------------------------
+
+
+class _Postgres:
+    """Stands in for the pool: records statements, or hangs, or fails, as told."""
+
+    def __init__(self, *, hang: bool = False, fail: bool = False) -> None:
+        self.hang, self.fail = hang, fail
+        self.statements: list[tuple[str, tuple[Any, ...]]] = []
+        self.upserted = asyncio.Event()
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.fail:
+            raise ConnectionRefusedError("Connect call failed ('127.0.0.1', 54329)")
+        self.statements.append((sql, args))
+        if "INSERT" in sql and sum("INSERT" in q for q, _ in self.statements) >= 2:
+            self.upserted.set()
+        return "OK"
+
+
+def _recorder(postgres: _Postgres) -> LaneStateRecorder:
+    settings = RunnerSettings(state_interval_s=0.05)
+    return LaneStateRecorder(cast(asyncpg.Pool, postgres), settings, daemon="host:7:abcdef")
+
+
+ONE = [LaneReport("order_search", LaneState.DETACHED, "ConnectionError", (0, 2))]
+
+
+@pytest.mark.parametrize("fault", [{"hang": True}, {"fail": True}])
+async def test_postgres_down_or_hung_costs_a_report_not_the_daemon(
+    fault: dict[str, bool], caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = _recorder(_Postgres(**fault))
+    with caplog.at_level(logging.DEBUG, logger="engine.lane_state"):
+        for _ in range(3):  # each bounded by the timeout; none raises
+            await asyncio.wait_for(recorder.report(ONE), timeout=5)
+        await asyncio.wait_for(recorder.forget(), timeout=5)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # Once per outage for the reports (then debug), once for the failed clean-up.
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("cannot record the lanes' state for engine status")
+
+
+async def test_the_recorder_reports_until_cancelled_then_deletes_its_rows() -> None:
+    postgres = _Postgres()
+    recorder = _recorder(postgres)
+    ready = asyncio.Event()
+    ready.set()
+    lane = SimpleNamespace(
+        name="order_search",
+        detached=True,
+        failing=None,
+        ready=ready,
+        waiting_since=None,
+        next_offset={TopicPartition("t", 2): 9, TopicPartition("t", 0): 4},
+    )
+    runner = SimpleNamespace(lanes=[lane], stranded={}, catching_up=frozenset({lane.name}))
+    watching = asyncio.create_task(recorder.watch(cast(ProjectionRunner, runner)))
+    await asyncio.wait_for(postgres.upserted.wait(), timeout=5)
+    watching.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await watching
+
+    sql, args = postgres.statements[0]
+    assert "INSERT INTO engine_lane_states" in sql
+    assert args[:5] == (
+        "host:7:abcdef",
+        ["order_search"],
+        ["catching up"],
+        ["catching up alone from its own offsets"],
+        ["{0,2}"],
+    )
+    last, last_args = postgres.statements[-1]
+    assert last.startswith("DELETE FROM engine_lane_states") and last_args == ("host:7:abcdef",)
