@@ -34,6 +34,7 @@ from engine.errors import (
     TransientError,
     UnknownEventError,
     ValidationFailedError,
+    VersionGapError,
     WriteNotAppliedError,
 )
 from engine.events import DomainEvent, EventEnvelope
@@ -135,6 +136,7 @@ __all__ = [
     "UnitOfWork",
     "UnknownEventError",
     "ValidationFailedError",
+    "VersionGapError",
     "WriteNotAppliedError",
     "collect_status",
     "create_pool",

@@ -19,6 +19,9 @@ applies that event itself, or parks it before the replay reads the sequence.
 - a letter whose replay changes nothing (every store reports 0 changes: it
   already holds that version or a later one) is a failure, not a success: its
   event would have been folded over, so it is reported and not marked;
+- a letter of the same message as one applied earlier in the sequence (its
+  event delivered again after it was dead-lettered, and parked behind its own
+  first letter) is done with it, not applied again;
 - when the whole sequence applied, every letter is marked replayed and the
   aggregate is unparked, in the transaction that held the park row.
 """
@@ -73,19 +76,7 @@ async def replay(
         sequence = await parked_sequence(conn, first_id)
         if not sequence:
             return ReplayOutcome(first_id, True, "already replayed: nothing to do")
-        done: list[int] = []
-        failure: str | None = None
-        for position, step in enumerate(sequence):
-            try:
-                await _replay_one(step, application, resources)
-            except _NotApplied as exc:
-                failure = f"letter {step.id}: {exc}"
-                if position == 0 and len(sequence) > 1:
-                    failure += f"; {len(sequence) - 1} letter(s) parked behind it not applied"
-                elif len(sequence) > position + 1:
-                    failure += f"; {len(sequence) - position - 1} after it still parked"
-                break
-            done.append(step.id)
+        done, failure = await _apply_in_order(sequence, application, resources)
         await conn.execute(
             "UPDATE engine_dead_letters SET replayed_at = now() WHERE id = ANY($1)", done
         )
@@ -102,6 +93,32 @@ async def replay(
     return ReplayOutcome(
         first_id, True, f"applied {len(done)} letter(s){aggregate} in order{unparked}"
     )
+
+
+async def _apply_in_order(
+    sequence: Sequence[DeadLetter], application: Application, resources: Resources
+) -> tuple[list[int], str | None]:
+    """Apply the letters in order until one fails: the ids applied, and the failure."""
+    done: list[int] = []
+    # The messages applied so far, and for which projection(s).
+    applied: dict[tuple[str, int, int], set[str]] = {}
+    for position, step in enumerate(sequence):
+        message = (step.topic, step.partition, step.offset)
+        if applied.get(message, set()) & {ALL_PROJECTIONS, step.projection}:
+            done.append(step.id)  # the same event parked again when delivered again
+            continue
+        try:
+            await _replay_one(step, application, resources)
+        except _NotApplied as exc:
+            failure = f"letter {step.id}: {exc}"
+            if position == 0 and len(sequence) > 1:
+                failure += f"; {len(sequence) - 1} letter(s) parked behind it not applied"
+            elif len(sequence) > position + 1:
+                failure += f"; {len(sequence) - position - 1} after it still parked"
+            return done, failure
+        applied.setdefault(message, set()).add(step.projection)
+        done.append(step.id)
+    return done, None
 
 
 async def _move_head(conn: Connection, old: int, rest: Sequence[DeadLetter]) -> None:

@@ -16,7 +16,8 @@
     ├── RebuildInProgressError       wait or stop it: the projection is being rebuilt elsewhere
     ├── PoisonError                  dead-letter it: this event will never apply
     │   ├── UnknownEventError        no model is registered for the event's type and version
-    │   └── EventDecodeError         the bytes or the payload do not decode
+    │   ├── EventDecodeError         the bytes or the payload do not decode
+    │   └── VersionGapError          the versions before it are missing from the topic
     └── ConfigurationError           stop and say what to set
         ├── SchemaMissingError       a table the engine needs does not exist yet (migrate, run)
         ├── MissingToolError         a program the local stack needs is not installed
@@ -177,6 +178,24 @@ class UnknownEventError(PoisonError):
 
 class EventDecodeError(PoisonError):
     """An event's bytes or payload do not decode into its model."""
+
+
+class VersionGapError(PoisonError):
+    """An event's aggregate version jumped: the versions before it are missing (engine.gaps)."""
+
+    def __init__(self, aggregate_id: str, version: int, expected: int) -> None:
+        self.aggregate_id = aggregate_id
+        self.version = version
+        self.expected = expected
+        missing = (
+            f"version {expected}"
+            if expected == version - 1
+            else (f"versions {expected} to {version - 1}")
+        )
+        super().__init__(
+            f"{aggregate_id} version {version} arrived right after version {expected - 1}:"
+            f" {missing} missing from the topic; its later events are parked behind this one"
+        )
 
 
 class ConfigurationError(EngineError):

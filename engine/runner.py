@@ -96,7 +96,8 @@ from aiokafka.errors import (
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from engine import codec
-from engine.errors import ConfigurationError, EventDecodeError, PoisonError
+from engine.errors import ConfigurationError, EventDecodeError, PoisonError, VersionGapError
+from engine.gaps import VersionGaps
 from engine.lane import Batch, Delivery, Lane, dead_letter
 from engine.postgres.checkpoints import CheckpointStore
 from engine.postgres.deadletters import ALL_PROJECTIONS, DeadLetterStore, NewDeadLetter
@@ -158,6 +159,7 @@ class ProjectionRunner:
         self._committed: dict[TopicPartition, int] = {}
         self._lane_tasks: list[asyncio.Task[None]] = []
         self._catch_ups: dict[str, asyncio.Task[None]] = {}
+        self._gaps = VersionGaps()
         # Lanes whose next offset the topic's retention deleted: stopped, with the reason.
         self.stranded: dict[str, str] = {}
 
@@ -246,13 +248,19 @@ class ProjectionRunner:
                 try:
                     envelope = codec.decode(message.value)
                     event = self._registry.decode(envelope)
+                    if record_poison:  # the group's own stream (engine.gaps)
+                        self._check_gap(tp, envelope.aggregate_id, envelope.aggregate_version)
                 except Exception as exc:
                     # Every failure to decode or validate is the message's, never the
                     # daemon's: a crash here would restart at this offset for ever.
                     if not isinstance(exc, PoisonError):
                         exc = EventDecodeError(f"{type(exc).__name__}: {exc}")
                     log.error("dead-lettering offset %s of %s: %s", message.offset, tp, exc)
-                    poison.append(dead_letter(delivery, ALL_PROJECTIONS, exc, attempts=1))
+                    letter = dead_letter(delivery, ALL_PROJECTIONS, exc, attempts=1)
+                    if record_poison and letter.aggregate_id and letter.aggregate_version:
+                        # An event in sequence that does not decode is no gap after it.
+                        self._gaps.note_if_next(tp, letter.aggregate_id, letter.aggregate_version)
+                    poison.append(letter)
                     batch.append(delivery)
                     continue
                 batch.append(
@@ -271,6 +279,11 @@ class ProjectionRunner:
             for lane in self.lanes:  # before any lane gets the batch (deadletters module)
                 lane.note_parked(parked)
         return batch
+
+    def _check_gap(self, tp: TopicPartition, aggregate_id: str, version: int) -> None:
+        expected = self._gaps.check(tp, aggregate_id, version)
+        if expected is not None:
+            raise VersionGapError(aggregate_id, version, expected)
 
     async def _record_poison(self, poison: list[NewDeadLetter]) -> None:
         """Record undecodable messages before dispatching past them, waiting out an outage.
@@ -499,6 +512,7 @@ class ProjectionRunner:
         await self._flush(self._settings.shutdown_timeout_s)
         with contextlib.suppress(Exception):
             await self._commit(revoked)
+        self._gaps.forget(revoked)
         for tp in revoked:
             self._dispatched.pop(tp, None)
             self._committed.pop(tp, None)

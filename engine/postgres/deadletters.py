@@ -13,10 +13,13 @@ the read model shows a state that never existed, and replaying the letter
 later changes nothing. So the first letter of an aggregate (whose version is
 known) *parks* it for its projection (or for every projection, ``*``): a row in
 ``engine_parked`` names the first letter and its version, and later events of
-that aggregate with a higher version are recorded as letters *parked behind*
-it (``parked_behind``, with their original bytes) instead of being applied.
-Other aggregates flow on. Events at or below the first letter's version are
-not behind the hole and are applied as usual.
+that aggregate with a higher version, and the first letter's own message
+delivered again (after a restart, or re-read by a catch-up that decodes it
+fine: the event after a version gap, :mod:`engine.gaps`), are recorded as
+letters *parked behind* it (``parked_behind``, with their original bytes)
+instead of being applied. Other aggregates flow on. Other events at or below
+the first letter's version are not behind the hole and are applied as usual
+(another message claiming the same version is not the one that failed).
 
 A message whose envelope cannot be read at all (no aggregate version) is
 recorded with the Kafka key as its aggregate, but parks nothing: where it
@@ -234,9 +237,11 @@ class DeadLetterStore:
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
             rows = await conn.fetch(
-                "SELECT projection, aggregate_id, version, first_letter FROM engine_parked"
-                " WHERE projection = ANY($1) AND aggregate_id = ANY($2)"
-                " ORDER BY version, first_letter FOR SHARE",
+                "SELECT p.projection, p.aggregate_id, p.version, p.first_letter,"
+                ' d.topic, d.partition, d."offset" FROM engine_parked p'
+                " JOIN engine_dead_letters d ON d.id = p.first_letter"
+                " WHERE p.projection = ANY($1) AND p.aggregate_id = ANY($2)"
+                " ORDER BY p.version, p.first_letter FOR SHARE OF p",
                 projections,
                 aggregates,
             )
@@ -313,11 +318,18 @@ def _head_for(rows: Sequence[asyncpg.Record], letter: NewDeadLetter) -> int | No
     """The first letter ``letter`` must wait behind, if any (rows ordered by version)."""
     if letter.aggregate_id is None or letter.aggregate_version is None:
         return None
+    message = (letter.topic, letter.partition, letter.offset)
     for row in rows:
-        if (
-            row["aggregate_id"] == letter.aggregate_id
-            and row["projection"] in (letter.projection, ALL_PROJECTIONS)
-            and letter.aggregate_version > row["version"]
+        if row["aggregate_id"] != letter.aggregate_id or row["projection"] not in (
+            letter.projection,
+            ALL_PROJECTIONS,
+        ):
+            continue
+        # Behind the hole, or the first letter's own event delivered again.
+        if letter.aggregate_version > row["version"] or message == (
+            row["topic"],
+            row["partition"],
+            row["offset"],
         ):
             return int(row["first_letter"])
     return None

@@ -65,6 +65,7 @@ def test_public_names_are_pinned() -> None:
         "UnitOfWork",
         "UnknownEventError",
         "ValidationFailedError",
+        "VersionGapError",
         "WriteNotAppliedError",
         "collect_status",
         "create_pool",

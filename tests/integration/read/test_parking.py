@@ -20,13 +20,11 @@ of the letter are not touched.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
-from typing import Any
 
 import asyncpg
 
-from engine import Application, CommandBus, EventRegistry, OutboxRelay, Resources, Settings, codec
+from engine import CommandBus, OutboxRelay, Resources, Settings, codec
 from engine.daemon import build_runner
 from engine.dlq import replay
 from engine.partitioning import partition_for
@@ -34,57 +32,11 @@ from engine.postgres.deadletters import DeadLetterStore
 from engine.status import collect_status
 from engine.stores.redis import RedisHashReader
 from projections.orders import APP, ConfirmOrder
-from projections.orders.events import OrderShipped, _order_shipped_v1_to_v2
 from projections.orders.wiring import quick_lookup_prefix, search_alias
 from tests.helpers import consume, new_customer, new_order, new_product, run_engine, settings_env
+from tests.integration.newer_release import NEXT
+from tests.integration.read.envelopes import order_event
 from tests.integration.read.faults import produce_to_topic
-
-
-class OrderShippedV3(OrderShipped):
-    """OrderShipped as the newer release writes it (nothing the projections read changed)."""
-
-    schema_version = 3
-
-
-def _newer_release() -> Application:
-    """The orders application with a registry that knows OrderShipped v3."""
-    registry = EventRegistry()
-    for event_type in sorted(APP.registry.event_types):
-        model = APP.registry.model_for(event_type)
-        registry.register(OrderShippedV3 if model is OrderShipped else model)
-    registry.upcaster("OrderShipped", 1)(_order_shipped_v1_to_v2)
-    registry.upcaster("OrderShipped", 2)(lambda payload: payload)
-    return Application("orders-next", APP.migrations, APP.handlers, registry, APP.projections)
-
-
-def _envelope(
-    order: str, customer: str, event_type: str, schema_version: int, version: int, **extra: Any
-) -> bytes:
-    previous, status = {"OrderShipped": ("PENDING", "SHIPPED")}.get(
-        event_type, ("SHIPPED", "DELIVERED")
-    )
-    return json.dumps(
-        {
-            "event_id": str(uuid.uuid4()),
-            "event_type": event_type,
-            "schema_version": schema_version,
-            "aggregate_type": "order",
-            "aggregate_id": order,
-            "aggregate_version": version,
-            "position": 10**9 + version,
-            "occurred_at": f"2026-01-0{version}T00:00:00+00:00",
-            "correlation_id": str(uuid.uuid4()),
-            "causation_id": str(uuid.uuid4()),
-            "payload": {
-                "order_id": order,
-                "customer_id": customer,
-                "total": "19.99",
-                "previous_status": previous,
-                "status": status,
-                **extra,
-            },
-        }
-    ).encode()
 
 
 async def _relay(settings: Settings) -> None:
@@ -104,10 +56,10 @@ async def _ship_from_the_future_then_deliver(
     order = (await new_order(bus, customer, [(product, 1)])).aggregate_id
     await _relay(settings)
     values = [
-        _envelope(
+        order_event(
             order, customer, "OrderShipped", 3, 2, tracking_number="TRK42", carrier="Owl Post"
         ),
-        _envelope(order, customer, "OrderDelivered", 1, 3),
+        order_event(order, customer, "OrderDelivered", 1, 3),
     ]
     await produce_to_topic(settings, order, values)
     return order, customer, values
@@ -157,7 +109,7 @@ async def test_a_dead_lettered_event_parks_its_aggregate_until_replay_applies_it
         "dlq",
         "replay",
         "--all",
-        env={**env, "ENGINE_APP": "tests.integration.read.test_parking:NEXT"},
+        env={**env, "ENGINE_APP": "tests.integration.newer_release:NEXT"},
     )
     assert code == 0, out + err
     row = await _details(pool, order)
@@ -180,7 +132,7 @@ async def test_a_dead_lettered_event_parks_its_aggregate_until_replay_applies_it
         "dlq",
         "replay",
         "--all",
-        env={**env, "ENGINE_APP": "tests.integration.read.test_parking:NEXT"},
+        env={**env, "ENGINE_APP": "tests.integration.newer_release:NEXT"},
     )
     assert code == 0 and "nothing to replay" in (out + err).lower(), out + err
 
@@ -188,7 +140,7 @@ async def test_a_dead_lettered_event_parks_its_aggregate_until_replay_applies_it
     await produce_to_topic(
         settings_for_test,
         order,
-        [_envelope(order, _customer, "OrderDelivered", 1, 4)],
+        [order_event(order, _customer, "OrderDelivered", 1, 4)],
     )
     await _run_daemon(resources)
     assert (await _details(pool, order))["version"] == 4
@@ -239,9 +191,6 @@ async def test_a_replay_that_changes_nothing_says_so_and_is_not_marked_done(
     assert [d.id for d in await DeadLetterStore(pool).list()] == [letter.id]
 
 
-NEXT = _newer_release()
-
-
 async def test_an_event_arriving_while_its_aggregate_is_replayed_waits_and_is_not_lost(
     bus: CommandBus, pool: asyncpg.Pool, settings_for_test: Settings, resources: Resources
 ) -> None:
@@ -276,7 +225,7 @@ async def test_an_event_arriving_while_its_aggregate_is_replayed_waits_and_is_no
             holder, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
         )
         await produce_to_topic(
-            settings_for_test, order, [_envelope(order, customer, "OrderDelivered", 1, 4)]
+            settings_for_test, order, [order_event(order, customer, "OrderDelivered", 1, 4)]
         )
         daemon = asyncio.create_task(_run_daemon(resources))
         # A lane waits on the park row the replay holds.
