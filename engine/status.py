@@ -37,11 +37,16 @@ from datetime import UTC, datetime
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from engine.application import Application
-from engine.errors import ServiceUnavailableError
+from engine.drivers import (
+    START_HINT,
+    kafka_address,
+    kafka_errors,
+    postgres_address,
+    postgres_errors,
+)
 from engine.generations import current_generation
 from engine.lane_state import (
     UNHEALTHY,
@@ -55,9 +60,8 @@ from engine.lane_state import (
 from engine.postgres import outbox
 from engine.postgres.checkpoints import Checkpoint, CheckpointStore, PartitionProgress
 from engine.postgres.deadletters import DeadLetterStore, Parked
-from engine.postgres.pool import CONNECTION_ERRORS, not_migrated, unavailable
 from engine.resources import Resources
-from engine.settings import KafkaSettings, RunnerSettings, Settings, env_var
+from engine.settings import KafkaSettings, RunnerSettings, Settings
 
 # Reading the first unprocessed record of a partition should take milliseconds;
 # past this, its time is reported as unknown rather than holding the caller.
@@ -325,7 +329,7 @@ class _Recorded:
 async def _read_postgres(pool: asyncpg.Pool, names: Sequence[str], settings: Settings) -> _Recorded:
     checkpoints = CheckpointStore(pool)
     letters = DeadLetterStore(pool)
-    try:
+    with postgres_errors(postgres_address(settings.postgres), START_HINT):
         recorded = {c.projection: c for c in await checkpoints.all()}
         progress = {n: await checkpoints.progress(n, settings.kafka.topic) for n in names}
         dead_letters = {n: await letters.count(n) for n in names}
@@ -334,10 +338,6 @@ async def _read_postgres(pool: asyncpg.Pool, names: Sequence[str], settings: Set
         async with pool.acquire() as conn:
             backlog = await outbox.pending_backlog(conn)
             generations = {n: await current_generation(conn, n) for n in names}
-    except asyncpg.UndefinedTableError as exc:
-        raise not_migrated(exc) from exc
-    except CONNECTION_ERRORS as exc:
-        raise unavailable(settings.postgres) from exc
     return _Recorded(recorded, generations, progress, dead_letters, parked, backlog, lanes)
 
 
@@ -360,7 +360,7 @@ async def _read_kafka(
     kafka: KafkaSettings, progress: Mapping[str, Sequence[PartitionProgress]]
 ) -> dict[str, list[PartitionLag]]:
     """Per projection, its lag on each partition of the topic (none if the topic is missing)."""
-    try:
+    with kafka_errors(kafka_address(kafka), START_HINT):
         partitions = await _partitions(kafka)
         if not partitions:  # nothing was ever published
             return {name: [] for name in progress}
@@ -373,12 +373,6 @@ async def _read_kafka(
                 (p.partition, p.next_offset) for ps in lags.values() for p in ps if p.lag_events
             }
             published = await _published_at(consumer, kafka.topic, wanted)
-    except KafkaError as exc:
-        raise ServiceUnavailableError(
-            "Kafka",
-            f"{kafka.bootstrap_servers} ({env_var('kafka', 'bootstrap_servers')})",
-            "Start the local stack with: ./dev up",
-        ) from exc
     return {
         name: [
             p.model_copy(
