@@ -149,6 +149,10 @@ class RelaySettings(_Section):
             " leader renews every quarter of it, and gives up leading itself if it cannot."
         ),
     )
+    # At start-up, how long the relay waits for PostgreSQL and Kafka to answer (a
+    # warning per attempt) before it exits with code 4; 0 waits for ever. A refused
+    # login, a missing database or a schema not migrated stop it at once.
+    startup_timeout_s: float = Field(default=300.0, ge=0)
 
 
 class RunnerSettings(_Section):
@@ -181,6 +185,10 @@ class RunnerSettings(_Section):
     # `engine status` calls a projection stalled when events have waited this long
     # and its progress on their partition has not moved for as long.
     stalled_after_s: float = Field(default=30.0, gt=0)
+    # At start-up, how long the daemon waits for PostgreSQL and Kafka to answer (a
+    # warning per attempt) before it exits with code 4; 0 waits for ever. A refused
+    # login, a missing database or a schema not migrated stop it at once.
+    startup_timeout_s: float = Field(default=300.0, ge=0)
 
 
 class ApiSettings(_Section):

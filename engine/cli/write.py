@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import signal
+import logging
 from typing import Annotated
 
 import typer
@@ -12,11 +12,17 @@ from rich.console import Console
 from engine.application import load_application
 from engine.cli.app import app, load_settings, run_reporting_errors
 from engine.cli.logs import configure
+from engine.drivers import kafka_address, postgres_address
 from engine.postgres.migrations import migrate as apply_migrations
 from engine.postgres.pool import create_pool
 from engine.postgres.roles import grant_read_access
 from engine.relay import OutboxRelay
-from engine.settings import Settings
+from engine.resources import StartupStopped, StartupWait, StopSignals, check_postgres
+from engine.retry import Backoff
+from engine.settings import Settings, env_var
+from engine.topics import ensure_topic
+
+log = logging.getLogger("engine.relay")
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
 
@@ -59,16 +65,38 @@ def migrate() -> None:
     console.print(granted)
 
 
-async def _relay(settings: Settings, once: bool) -> int:
+async def _relay(settings: Settings, once: bool, signals: StopSignals | None) -> int:
     relay = OutboxRelay(settings.postgres, settings.kafka, settings.relay)
-    if once:
+    if once or signals is None:
         return await relay.drain()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = signals.event()
+    try:
+        await _wait_for_services(settings, stop)
+    except StartupStopped as exc:
+        log.info("relay stopped before it started (%s)", exc)
+        return 0
     await relay.run(stop)
     return relay.stats.published
+
+
+async def _wait_for_services(settings: Settings, stop: asyncio.Event) -> None:
+    """Wait for Postgres (migrated) and Kafka; the relay waits out later outages itself."""
+    application = load_application(settings.app)
+    startup = StartupWait(
+        stop,
+        timeout_s=settings.relay.startup_timeout_s,
+        setting=env_var("relay", "startup_timeout_s"),
+        backoff=Backoff(settings.relay.backoff_initial_s, settings.relay.backoff_max_s),
+    )
+    # Postgres first: a refused login or a missing schema stops at once, whatever Kafka does.
+    await startup.until_available(
+        lambda: check_postgres(settings.postgres, application.all_migrations()),
+        "PostgreSQL",
+        postgres_address(settings.postgres),
+    )
+    await startup.until_available(
+        lambda: ensure_topic(settings.kafka), "Kafka", kafka_address(settings.kafka)
+    )
 
 
 @app.command()
@@ -81,9 +109,13 @@ def relay(
     """Publish outbox events to Kafka (at least once, in order per aggregate).
 
     Runs until SIGTERM/SIGINT. Several relays may run: one leads, the others
-    stand by and take over if it dies.
+    stand by and take over if it dies. At start-up it waits for PostgreSQL and
+    Kafka, at most ENGINE_RELAY__STARTUP_TIMEOUT_S (then exits with code 4); a
+    stop meanwhile ends it cleanly.
     """
+    # First: a stop sent while the relay starts must not kill it.
+    signals = None if once else StopSignals()
     configure(log_level)
     settings = load_settings()
-    published = run_reporting_errors(lambda: asyncio.run(_relay(settings, once)))
+    published = run_reporting_errors(lambda: asyncio.run(_relay(settings, once, signals)))
     Console(stderr=True).print(f"relay: published {published} event(s)")
