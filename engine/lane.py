@@ -163,6 +163,8 @@ class Lane:
         self.queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=settings.lane_queue_batches)
         self.next_offset: dict[TopicPartition, int] = {}
         self.detached = False
+        # Why the runner detached it, for `engine status` (kept after it re-attached).
+        self.detached_because: str | None = None
         self.failing: str | None = None
         self.applied = 0
         self.busy = False
@@ -246,9 +248,13 @@ class Lane:
         """
 
         async def set_up() -> None:
-            async with self._current_store() as (store, _):
-                if self._taken_up is None:  # not rebuildable: nothing took it up
-                    await store.setup()
+            self.waiting_since = time.monotonic()  # a set-up that hangs is a hung store too
+            try:
+                async with self._current_store() as (store, _):
+                    if self._taken_up is None:  # not rebuildable: nothing took it up
+                        await store.setup()
+            finally:
+                self.waiting_since = None
 
         await retrying(set_up, self._backoff(), retry_if=any_error, on_failure=self._note_failure)
         if self.failing is not None:

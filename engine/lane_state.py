@@ -119,6 +119,7 @@ def lane_state(
     stranded: str | None,
     catching_up: bool,
     hung_after_s: float,
+    detached_because: str | None = None,
 ) -> Judged:
     """One lane's state and why, from what its lane and runner know.
 
@@ -133,7 +134,9 @@ def lane_state(
     hung = unanswered_s is not None and unanswered_s >= hung_after_s
     silent = f"its store has not answered for {unanswered_s:.0f}s" if hung else None
     if detached:
-        return _detached(failing or silent, ready=ready, catching_up=catching_up)
+        return _detached(
+            failing or silent, ready=ready, catching_up=catching_up, because=detached_because
+        )
     if failing:
         return LaneState.ATTACHED, f"attached, retrying: {failing}"
     if silent:
@@ -141,14 +144,17 @@ def lane_state(
     return LaneState.ATTACHED, None if ready else "attached, setting up its store"
 
 
-def _detached(trouble: str | None, *, ready: bool, catching_up: bool) -> Judged:
+def _detached(
+    trouble: str | None, *, ready: bool, catching_up: bool, because: str | None
+) -> Judged:
     if trouble:
         return LaneState.DETACHED, trouble
     if not ready:
         return LaneState.DETACHED, "waiting for its store to be set up"
+    detached = f" (detached: {because})" if because else ""
     if catching_up:
-        return LaneState.CATCHING_UP, "catching up alone from its own offsets"
-    return LaneState.DETACHED, "detached; its catch-up has not started"
+        return LaneState.CATCHING_UP, f"catching up alone from its own offsets{detached}"
+    return LaneState.DETACHED, f"its catch-up has not started{detached}"
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,7 @@ def observe(runner: ProjectionRunner, hung_after_s: float) -> list[LaneReport]:
             stranded=runner.stranded.get(lane.name),
             catching_up=lane.name in runner.catching_up,
             hung_after_s=hung_after_s,
+            detached_because=lane.detached_because,
         )
         partitions = tuple(sorted(tp.partition for tp in lane.next_offset))
         reports.append(LaneReport(lane.name, state, reason, partitions))

@@ -183,7 +183,9 @@ class ProjectionRunner:
         try:
             await self._loop(consumer, stop, until_caught_up=until_caught_up)
         finally:
+            # Its last words (the daemon's rows deleted) go before the resources close.
             observing.cancel()
+            await asyncio.wait({observing}, timeout=self._settings.shutdown_timeout_s)
             await asyncio.shield(self._shutdown(consumer))
 
     async def _observe(self) -> None:
@@ -366,13 +368,9 @@ class ProjectionRunner:
         return None, check_in
 
     def _detach(self, lane: Lane, reason: str) -> None:
-        log.warning(
-            "%s fell %d batches behind (%s); it will catch up alone",
-            lane.name,
-            lane.queue.maxsize,
-            reason,
-        )
+        log.warning("%s detached (%s); it will catch up alone", lane.name, reason)
         lane.detached = True
+        lane.detached_because = reason
         while not lane.queue.empty():
             lane.queue.get_nowait()
             lane.queue.task_done()
@@ -490,12 +488,42 @@ class ProjectionRunner:
                 self._committed[tp] = meta.offset
 
     async def _flush(self, timeout_s: float) -> None:
-        """Let attached lanes finish what they were given, for at most ``timeout_s``."""
-        joins = [lane.queue.join() for lane in self.lanes if not lane.detached]
+        """Let attached lanes finish what they were given, for at most ``timeout_s``.
+
+        A lane whose store answers with errors or has left a call unanswered
+        for ``stall_timeout_s`` is detached instead of waited for: before a
+        rebalance, waiting for it would hold the whole group (the group waits
+        for this daemon's revoke, up to its session timeout, which then evicts
+        the daemon); at shutdown it would only delay the end. Its offsets stay
+        where it left them, so what it had not finished is read again.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        attached = [lane for lane in self.lanes if not lane.detached]
+        joins = {lane: asyncio.ensure_future(lane.queue.join()) for lane in attached}
         try:
-            await asyncio.wait_for(asyncio.gather(*joins), timeout=timeout_s)
-        except TimeoutError:
-            log.warning("lanes did not finish within %.0fs; committing what is safe", timeout_s)
+            while joins:
+                for lane, join in list(joins.items()):
+                    reason = None if join.done() else self._hold_reason(lane, 0.0)[0]
+                    if join.done() or reason is not None:
+                        del joins[lane]
+                        join.cancel()
+                    if reason is not None:
+                        self._detach(lane, reason)
+                left = deadline - loop.time()
+                if not joins:
+                    return
+                if left <= 0:
+                    log.warning(
+                        "lanes did not finish within %.0fs; committing what is safe", timeout_s
+                    )
+                    return
+                await asyncio.wait(
+                    joins.values(), timeout=min(left, self._settings.stall_timeout_s / 4)
+                )
+        finally:
+            for join in joins.values():
+                join.cancel()
 
     async def revoke(self, revoked: Sequence[TopicPartition]) -> None:
         """Before partitions move to another daemon: flush, commit, forget them.

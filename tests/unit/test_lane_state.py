@@ -289,6 +289,7 @@ async def test_the_recorder_reports_until_cancelled_then_deletes_its_rows() -> N
     lane = SimpleNamespace(
         name="order_search",
         detached=True,
+        detached_because="hung store: no answer for 3.0s",
         failing=None,
         ready=ready,
         waiting_since=None,
@@ -307,7 +308,7 @@ async def test_the_recorder_reports_until_cancelled_then_deletes_its_rows() -> N
         "host:7:abcdef",
         ["order_search"],
         ["catching up"],
-        ["catching up alone from its own offsets"],
+        ["catching up alone from its own offsets (detached: hung store: no answer for 3.0s)"],
         ["{0,2}"],
     )
     last, last_args = postgres.statements[-1]
