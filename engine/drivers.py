@@ -78,6 +78,10 @@ POSTGRES_UNREACHABLE = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # A pooled connection that got the server's shutdown notice while idle fails its
+    # next use with "cannot switch to state N; another operation is in progress"
+    # (asyncpg issue 784): the connection is lost, like the others here.
+    asyncpg.InternalClientError,
 )
 POSTGRES_TRANSIENT = (
     asyncpg.SerializationError,

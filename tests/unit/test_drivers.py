@@ -76,6 +76,13 @@ UNREACHABLE: list[tuple[Seam, str, Exception]] = [
     (postgres_errors, "PostgreSQL", asyncpg.CannotConnectNowError("the database is starting")),
     (postgres_errors, "PostgreSQL", asyncpg.AdminShutdownError("terminating connection")),
     (postgres_errors, "PostgreSQL", asyncpg.CrashShutdownError("crash of another server")),
+    (
+        postgres_errors,
+        "PostgreSQL",
+        asyncpg.InternalClientError(
+            "cannot switch to state 12; another operation (2) is in progress"
+        ),
+    ),
     (redis_errors, "Redis", redis.exceptions.ConnectionError("Error 111 connecting")),
     (redis_errors, "Redis", redis.exceptions.TimeoutError("Timeout reading from socket")),
     (redis_errors, "Redis", redis.exceptions.BusyLoadingError("loading the dataset")),
