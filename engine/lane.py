@@ -11,16 +11,12 @@ back only its own lane. Failures are handled by kind:
   only the events that still fail are dead-lettered, so one bad event never
   blocks its partition.
 
-A dead letter parks its aggregate (see :mod:`engine.postgres.deadletters` for
-the argument): before applying, the lane records the events of parked
-aggregates that lie behind the hole as letters parked behind the first one,
-and applies only the rest. It knows which aggregates are parked from a set it
-keeps in memory (loaded from Postgres at start and after a rebalance, added to
-by every park made on its behalf), so the common case, nothing parked, costs
-no query; only an event of an aggregate in the set is looked up, under lock.
-An event the lane itself dead-letters parks its aggregate for this
-projection, so the aggregate's later events of the same batch, isolated one
-by one, are parked too.
+A dead letter parks its aggregate: events of a parked aggregate are recorded
+as letters parked behind the first one instead of being applied (see
+:mod:`engine.parking` and :mod:`engine.postgres.deadletters`). An event the
+lane itself dead-letters parks its aggregate for this projection, so the
+aggregate's later events of the same batch, isolated one by one, are parked
+too.
 
 A Postgres outage pauses what needs Postgres and nothing else. A lane needs
 Postgres for its store (a Postgres projection), for the generation fence of a
@@ -52,20 +48,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from aiokafka import TopicPartition
 
+from engine.deliveries import Batch, Delivery, dead_letter, later_progress
 from engine.errors import ServiceUnavailableError, TransientError
 from engine.generations import GenerationFence, take_up
+from engine.parking import ParkedAggregates
 from engine.postgres.checkpoints import CheckpointStore, PartitionProgress
 from engine.postgres.deadletters import DeadLetterStore, NewDeadLetter
 from engine.projection import Projected, Projection, ProjectionStore, RebuildableStore
@@ -73,70 +68,6 @@ from engine.retry import Backoff, any_error, retrying
 from engine.settings import RunnerSettings
 
 log = logging.getLogger("engine.runner")
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One Kafka message as the runner received it; ``item`` is None for poison."""
-
-    tp: TopicPartition
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes]]
-    item: Projected | None
-
-
-class Batch(list[Delivery]):
-    """The deliveries of one poll, shared by every lane (so computed once, not per lane)."""
-
-    @functools.cached_property
-    def progress(self) -> list[PartitionProgress]:
-        return progress_of(self)
-
-
-def aggregate_of(delivery: Delivery) -> tuple[str | None, int | None]:
-    """The aggregate id and version of a message, as far as it tells them.
-
-    A decoded envelope tells both. An undecodable message may still be a JSON
-    object naming them (an unknown event type or schema version); otherwise
-    the Kafka key names the aggregate and its version is unknown.
-    """
-    if delivery.item is not None:
-        envelope = delivery.item.envelope
-        return envelope.aggregate_id, envelope.aggregate_version
-    try:
-        body = json.loads(delivery.value or b"")
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        aggregate_id, version = body.get("aggregate_id"), body.get("aggregate_version")
-        if isinstance(aggregate_id, str) and type(version) is int:
-            return aggregate_id, version
-    key = delivery.key.decode(errors="replace") if delivery.key else None
-    return key, None
-
-
-def dead_letter(
-    delivery: Delivery, projection: str, error: BaseException | str, attempts: int
-) -> NewDeadLetter:
-    headers = {k: v.decode(errors="replace") for k, v in delivery.headers}
-    aggregate_id, version = aggregate_of(delivery)
-    reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    return NewDeadLetter(
-        projection=projection,
-        topic=delivery.tp.topic,
-        partition=delivery.tp.partition,
-        offset=delivery.offset,
-        key=delivery.key,
-        value=delivery.value,
-        headers=headers,
-        event_type=headers.get("event_type"),
-        error=reason,
-        attempts=attempts,
-        aggregate_id=aggregate_id,
-        aggregate_version=version,
-    )
 
 
 class Lane:
@@ -174,8 +105,7 @@ class Lane:
         self.waiting_since: float | None = None
         # The generation this lane last set up and pointed readers at (None: none yet).
         self._taken_up: int | None = None
-        # Aggregates parked for this projection or for all (None: to be loaded).
-        self._parked: set[str] | None = None
+        self.parked = ParkedAggregates(projection.name, dead_letters, self._backoff)
         # Applied without the fence while Postgres was unreachable (module doc): the
         # events, in order, the generation they went to, and per partition the first
         # offset not confirmed, which Kafka commits must not pass.
@@ -203,15 +133,6 @@ class Lane:
         if offset is None or unconfirmed is None:
             return offset
         return min(offset, unconfirmed)
-
-    def note_parked(self, aggregate_ids: Sequence[str]) -> None:
-        """Aggregates parked on this lane's behalf (by the dispatcher's dead letters)."""
-        if self._parked is not None:
-            self._parked.update(aggregate_ids)
-
-    def forget_parked(self) -> None:
-        """Reload the parked aggregates before the next batch (partitions were assigned)."""
-        self._parked = None
 
     def note_start(self, batch: Batch) -> None:
         """Remember the first offset of each partition this lane is responsible for."""
@@ -266,7 +187,7 @@ class Lane:
 
     async def process(self, batch: Batch) -> None:
         wanted = [d for d in batch if d.item is not None and self.projection.wants(d.item.envelope)]
-        wanted = await self._hold_parked(wanted)
+        wanted = await self.parked.hold(wanted)
         changed = await self._apply(wanted) if wanted else 0
         for delivery in batch:
             done = delivery.offset + 1
@@ -307,7 +228,7 @@ class Lane:
         for p in progress:
             tp = TopicPartition(p.topic, p.partition)
             seen = self._unrecorded.get(tp)
-            self._unrecorded[tp] = p if seen is None else _later(seen, p)
+            self._unrecorded[tp] = p if seen is None else later_progress(seen, p)
         self._unrecorded_changed += changed
 
     async def _record_progress(self) -> None:
@@ -359,7 +280,7 @@ class Lane:
         total = 0
         for delivery in deliveries:
             # An event dead-lettered just before may have parked this one's aggregate.
-            if not await self._hold_parked([delivery]):
+            if not await self.parked.hold([delivery]):
                 continue
             items = [delivery.item] if delivery.item else []
             try:
@@ -382,46 +303,6 @@ class Lane:
                 self._done(changed)
                 total += changed
         return total
-
-    async def _hold_parked(self, deliveries: list[Delivery]) -> list[Delivery]:
-        """Park the deliveries behind a dead letter of their aggregate; the ones to apply."""
-        if not deliveries:
-            return deliveries
-
-        async def warn(exc: Exception) -> None:
-            log.warning("%s: cannot check or record parked events yet: %s", self.name, exc)
-
-        if self._parked is None:
-            self._parked = await retrying(
-                lambda: self._dead_letters.parked_ids(self.name),
-                self._backoff(),
-                retry_if=any_error,
-                on_failure=warn,
-            )
-        parked = self._parked
-        candidates = [self._parked_letter(d) for d in deliveries if aggregate_of(d)[0] in parked]
-        if not candidates:
-            return deliveries
-        parking = await retrying(
-            lambda: self._dead_letters.park_behind(candidates),
-            self._backoff(),
-            retry_if=any_error,
-            on_failure=warn,
-        )
-        # Unparked by a replay since the set was loaded: no need to look them up again.
-        parked -= {c.aggregate_id for c in candidates if c.aggregate_id} - parking.parked
-        if parking.held:
-            log.info("%s: parked %d event(s) behind dead letters", self.name, len(parking.held))
-        return [d for d in deliveries if (d.tp.partition, d.offset) not in parking.held]
-
-    def _parked_letter(self, delivery: Delivery) -> NewDeadLetter:
-        aggregate_id, version = aggregate_of(delivery)
-        return dead_letter(
-            delivery,
-            self.name,
-            f"parked: {aggregate_id} has an earlier event dead-lettered (this is v{version})",
-            attempts=0,
-        )
 
     async def _store_apply(self, items: list[Projected]) -> int:
         self.waiting_since = time.monotonic()
@@ -529,7 +410,7 @@ class Lane:
             on_failure=warn,
         )
         if letter.aggregate_id is not None and letter.aggregate_version is not None:
-            self.note_parked([letter.aggregate_id])  # the letter parked its aggregate
+            self.parked.note([letter.aggregate_id])  # the letter parked its aggregate
 
     def _backoff(self) -> Backoff:
         """A fresh backoff for one retried step (each starts short)."""
@@ -545,37 +426,6 @@ class Lane:
     def _done(self, changed: int) -> None:
         self.failing = None
         self.applied += changed
-
-
-def progress_of(batch: Sequence[Delivery]) -> list[PartitionProgress]:
-    """Per partition of ``batch``: the next offset and the highest position and time seen."""
-    # (next offset, position, event time) per partition, as plain values: this runs
-    # once per batch over every delivery, so it creates no object per delivery.
-    seen: dict[TopicPartition, tuple[int, int, datetime | None]] = {}
-    for delivery in batch:
-        offset, position, event_at = seen.get(delivery.tp, (0, 0, None))
-        if delivery.item is not None:
-            envelope = delivery.item.envelope
-            position = max(position, envelope.position)
-            if event_at is None or envelope.occurred_at > event_at:
-                event_at = envelope.occurred_at
-        seen[delivery.tp] = (max(offset, delivery.offset + 1), position, event_at)
-    return [
-        PartitionProgress(tp.topic, tp.partition, offset, position, event_at)
-        for tp, (offset, position, event_at) in seen.items()
-    ]
-
-
-def _later(a: PartitionProgress, b: PartitionProgress) -> PartitionProgress:
-    """The progress of one partition that covers both ``a`` and ``b``."""
-    event_at = max((t for t in (a.event_at, b.event_at) if t is not None), default=None)
-    return PartitionProgress(
-        a.topic,
-        a.partition,
-        max(a.next_offset, b.next_offset),
-        max(a.position, b.position),
-        event_at,
-    )
 
 
 async def _best_effort(step: Any) -> None:

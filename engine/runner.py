@@ -96,9 +96,10 @@ from aiokafka.errors import (
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from engine import codec
+from engine.deliveries import Batch, Delivery, dead_letter
 from engine.errors import ConfigurationError, EventDecodeError, PoisonError, VersionGapError
 from engine.gaps import VersionGaps
-from engine.lane import Batch, Delivery, Lane, dead_letter
+from engine.lane import Lane
 from engine.postgres.checkpoints import CheckpointStore
 from engine.postgres.deadletters import ALL_PROJECTIONS, DeadLetterStore, NewDeadLetter
 from engine.projection import Projected
@@ -279,7 +280,7 @@ class ProjectionRunner:
             await self._record_poison(poison)
             parked = [p.aggregate_id for p in poison if p.aggregate_id and p.aggregate_version]
             for lane in self.lanes:  # before any lane gets the batch (deadletters module)
-                lane.note_parked(parked)
+                lane.parked.note(parked)
         return batch
 
     def _check_gap(self, tp: TopicPartition, aggregate_id: str, version: int) -> None:
@@ -587,4 +588,4 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         log.info("partitions assigned: %s", sorted(assigned))
         for lane in self._runner.lanes:
             # Another daemon may have parked aggregates on these partitions.
-            lane.forget_parked()
+            lane.parked.forget()

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from engine import CommandResult, ConsistencyToken, ValidationFailedError, partition_for
 from engine.api.errors import engine_error_response
+from engine.deliveries import Delivery, progress_of
 from engine.errors import WriteNotAppliedError
-from engine.lane import Delivery, progress_of
 from engine.testing import given as given_events
 from projections.orders import registry
 from tests.unit.test_testing_kit import confirmed, created

@@ -11,9 +11,10 @@ import asyncpg
 from aiokafka import TopicPartition
 
 from engine import Resources, Settings
+from engine.deliveries import Batch, Delivery
 from engine.events import EventEnvelope
 from engine.generations import GenerationFence, fence_key
-from engine.lane import Batch, Delivery, Lane
+from engine.lane import Lane
 from engine.postgres.checkpoints import CheckpointStore
 from engine.postgres.deadletters import DeadLetterStore
 from engine.projection import Projected
