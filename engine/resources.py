@@ -208,8 +208,10 @@ def _describe(exc: Exception, service: str, address: str) -> tuple[str, str]:
     cause = exc.__cause__
     if cause is None:
         return f"{service} at {address}", str(exc)
-    text = str(cause)
-    return f"{service} at {address}", f"{type(cause).__name__}: {text}" if text else repr(cause)
+    name, text = type(cause).__name__, str(cause)
+    if text.startswith(name):  # aiokafka's errors name themselves already
+        return f"{service} at {address}", text
+    return f"{service} at {address}", f"{name}: {text}" if text else name
 
 
 @contextmanager

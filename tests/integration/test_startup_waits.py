@@ -233,3 +233,35 @@ async def test_sigterm_while_the_relay_waits_for_kafka_stops_it_cleanly(
             relay.process.send_signal(signal.SIGTERM)
             assert await relay.exit_code(timeout_s=15) == 0, relay.output()[-3000:]
             assert "relay stopped before it started" in relay.output()
+
+
+async def test_a_daemon_started_while_kafka_is_down_waits_then_catches_up(
+    settings_for_test: Settings, resources: Resources, bus: CommandBus, tmp_path: Path
+) -> None:
+    await populate(bus, orders=2)
+    assert await OutboxRelay(
+        settings_for_test.postgres, settings_for_test.kafka, settings_for_test.relay
+    ).drain()
+    host, port = settings_for_test.kafka.first_host_port()
+    async with _cut_proxy(host, port) as proxy:
+        # Only the bootstrap goes through the proxy: the broker's metadata then names itself.
+        env = {
+            **settings_env(settings_for_test),
+            "ENGINE_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{proxy.port}",
+            "ENGINE_RUNNER__BACKOFF_MAX_S": "0.5",
+        }
+        async with _engine(tmp_path, "run", "--until-caught-up", env=env) as daemon:
+            await wait_for(
+                lambda: daemon.attempts_logged("Kafka") >= 2,
+                "two logged attempts to reach Kafka",
+                timeout_s=60,
+            )
+            assert daemon.process.returncode is None, daemon.output()[-3000:]
+
+            await proxy.restore()
+            assert await daemon.exit_code(timeout_s=120) == 0, daemon.output()[-3000:]
+
+    await assert_committed_to_the_end(settings_for_test)
+    await assert_projections_match(
+        settings_for_test, resources.pool, resources.redis, resources.elasticsearch
+    )
