@@ -35,33 +35,8 @@ The cost of the distinction: one store call (one batch) that legitimately
 takes longer than ``stall_timeout_s`` counts as hung; keep the setting above
 the store's slowest normal batch at ``batch_size``.
 
-Why a detached lane always catches up. A lane is detached exactly while it has
-a catch-up task in ``_catch_ups`` or is stranded (below), and both ways out
-hold whatever await a cancellation lands on:
-
-- ``_catch_up`` does every await (``lane.ready``, ``lane.queue.join()``,
-  ``reader.start()``, the reads) inside one ``try`` whose ``finally`` removes
-  the task's own entry (only its own: a newer catch-up of the same lane may
-  have replaced it) and closes the reader;
-- ``revoke`` cancels every catch-up, waits for them (bounded), and then
-  starts a fresh one for *every* lane still detached and behind (or
-  re-attaches one with nothing left behind). It decides by the lane's state,
-  never by which tasks happen to be in ``_catch_ups``: an entry left by a
-  cancelled task can no longer keep a lane detached for ever, which used to
-  freeze that projection, the commit minimum of every partition, and
-  ``--until-caught-up``.
-
-A lane the topic's retention overtook. The catch-up reader never resets
-(``auto_offset_reset="none"``): when the lane's next offset is gone, skipping
-to the log's start or end would leave a silent gap in its read model. Kafka
-answers OffsetOutOfRange instead; the lane is *stranded*: it stays detached,
-``failing`` (and its checkpoint's last error) names the projection, the
-partition and offset and says to run ``engine rebuild <projection>`` and then
-restart the daemon; the other lanes go on. It keeps its place in the commit
-minimum, so after the rebuild a restart re-reads from the log's start and the
-events committed after the rebuild's switch still reach it (they are recent,
-so not deleted). In burst mode (``until_caught_up``) a stranded lane makes
-``run`` raise with that message: "caught up" can no longer be reached.
+How a detached lane catches up alone, and what happens when the topic's
+retention overtook it (it is *stranded*): :mod:`engine.catch_up`.
 
 Commits. A commit the group refuses because it is rebalancing (another daemon
 joined or left: CommitFailedError, IllegalGeneration, UnknownMemberId,
@@ -79,32 +54,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
-    NoOffsetForPartitionError,
-    OffsetOutOfRangeError,
     RebalanceInProgressError,
     UnknownMemberIdError,
 )
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
-from engine import codec
-from engine.deliveries import Batch, Delivery, dead_letter
-from engine.errors import ConfigurationError, EventDecodeError, PoisonError, VersionGapError
-from engine.gaps import VersionGaps
+from engine.catch_up import CatchUps
+from engine.decoding import Decoder
+from engine.deliveries import Batch
+from engine.errors import ConfigurationError
 from engine.lane import Lane
 from engine.postgres.checkpoints import CheckpointStore
-from engine.postgres.deadletters import ALL_PROJECTIONS, DeadLetterStore, NewDeadLetter
-from engine.projection import Projected
+from engine.postgres.deadletters import DeadLetterStore
 from engine.registry import EventRegistry
-from engine.retry import Backoff, any_error, retrying
 from engine.settings import KafkaSettings, RunnerSettings
 
 log = logging.getLogger("engine.runner")
@@ -159,10 +131,14 @@ class ProjectionRunner:
         self._dispatched: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._lane_tasks: list[asyncio.Task[None]] = []
-        self._catch_ups: dict[str, asyncio.Task[None]] = {}
-        self._gaps = VersionGaps()
-        # Lanes whose next offset the topic's retention deleted: stopped, with the reason.
-        self.stranded: dict[str, str] = {}
+        self._catch_ups = CatchUps(
+            kafka,
+            settings,
+            checkpoints,
+            dispatched=self._dispatched,
+            decode=functools.partial(self._decode, record_poison=False),
+        )
+        self._decoder = Decoder(registry, dead_letters, settings)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -200,7 +176,12 @@ class ProjectionRunner:
     @property
     def catching_up(self) -> frozenset[str]:
         """The lanes catching up alone right now (detached, not stranded)."""
-        return frozenset(self._catch_ups)
+        return self._catch_ups.running
+
+    @property
+    def stranded(self) -> Mapping[str, str]:
+        """Lanes whose next offset the topic's retention deleted: stopped, with the reason."""
+        return self._catch_ups.stranded
 
     async def _loop(
         self, consumer: AIOKafkaConsumer, stop: asyncio.Event, *, until_caught_up: bool
@@ -222,10 +203,10 @@ class ProjectionRunner:
 
     async def _shutdown(self, consumer: AIOKafkaConsumer) -> None:
         await self._flush(self._settings.shutdown_timeout_s)
-        for task in [*self._catch_ups.values(), *self._lane_tasks]:
+        await self._catch_ups.stop(timeout_s=None)
+        for task in self._lane_tasks:
             task.cancel()
-        await asyncio.gather(*self._catch_ups.values(), *self._lane_tasks, return_exceptions=True)
-        self._catch_ups.clear()
+        await asyncio.gather(*self._lane_tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self._commit()
         await consumer.stop()
@@ -241,74 +222,14 @@ class ProjectionRunner:
     # -- decoding and dispatch --------------------------------------------------------
 
     async def _decode(self, records: Records, *, record_poison: bool) -> Batch:
-        batch = Batch()
-        poison: list[NewDeadLetter] = []
-        for tp, messages in records.items():
-            for message in messages:
-                delivery = Delivery(
-                    tp, message.offset, message.key, message.value, list(message.headers), None
-                )
-                try:
-                    envelope = codec.decode(message.value)
-                    event = self._registry.decode(envelope)
-                    if record_poison:  # the group's own stream (engine.gaps)
-                        self._check_gap(tp, envelope.aggregate_id, envelope.aggregate_version)
-                except Exception as exc:
-                    # Every failure to decode or validate is the message's, never the
-                    # daemon's: a crash here would restart at this offset for ever.
-                    if not isinstance(exc, PoisonError):
-                        exc = EventDecodeError(f"{type(exc).__name__}: {exc}")
-                    log.error("dead-lettering offset %s of %s: %s", message.offset, tp, exc)
-                    letter = dead_letter(delivery, ALL_PROJECTIONS, exc, attempts=1)
-                    if record_poison and letter.aggregate_id and letter.aggregate_version:
-                        # An event in sequence that does not decode is no gap after it.
-                        self._gaps.note_if_next(tp, letter.aggregate_id, letter.aggregate_version)
-                    poison.append(letter)
-                    batch.append(delivery)
-                    continue
-                batch.append(
-                    Delivery(
-                        tp,
-                        message.offset,
-                        message.key,
-                        message.value,
-                        delivery.headers,
-                        Projected(envelope, event),
-                    )
-                )
-        if record_poison and poison:
-            await self._record_poison(poison)
-            parked = [p.aggregate_id for p in poison if p.aggregate_id and p.aggregate_version]
-            for lane in self.lanes:  # before any lane gets the batch (deadletters module)
-                lane.parked.note(parked)
-        return batch
-
-    def _check_gap(self, tp: TopicPartition, aggregate_id: str, version: int) -> None:
-        expected = self._gaps.check(tp, aggregate_id, version)
-        if expected is not None:
-            raise VersionGapError(aggregate_id, version, expected)
-
-    async def _record_poison(self, poison: list[NewDeadLetter]) -> None:
-        """Record undecodable messages before dispatching past them, waiting out an outage.
-
-        Dispatching past a message whose letter is not recorded would lose it
-        once the offset is committed; ending the daemon instead would restart it
-        at the same offset, fail again and never get past (a crash loop for the
-        length of the outage). So the dispatcher waits here, with backoff.
-
-        Recording a letter whose aggregate and version are known parks that
-        aggregate for every projection (``*``) before the batch is dispatched,
-        so every lane finds the park when it reaches the aggregate's later
-        events (see :mod:`engine.postgres.deadletters`).
-        """
-
-        async def note(exc: Exception) -> None:
-            log.warning("cannot record %d dead letter(s) yet: %s", len(poison), exc)
-
-        backoff = Backoff(self._settings.backoff_initial_s, self._settings.backoff_max_s)
-        await retrying(
-            lambda: self._dead_letters.record(poison), backoff, retry_if=any_error, on_failure=note
-        )
+        if not record_poison:  # a catch-up re-reads what the dispatcher already checked
+            return self._decoder.decode(records).batch
+        decoded = self._decoder.decode(records, check_gaps=True)
+        if decoded.poison:
+            await self._decoder.record(decoded.poison)
+            for lane in self.lanes:  # before any lane gets the batch (engine.parking)
+                lane.parked.note(decoded.parked)
+        return decoded.batch
 
     async def _dispatch(self, batch: Batch) -> None:
         """Give the batch to every attached lane; a full queue is back-pressure or a detach."""
@@ -375,85 +296,7 @@ class ProjectionRunner:
         while not lane.queue.empty():
             lane.queue.get_nowait()
             lane.queue.task_done()
-        self._start_catch_up(lane)
-
-    def _start_catch_up(self, lane: Lane) -> None:
-        """The one catch-up of ``lane``; an older one still unwinding is cancelled, not waited."""
-        older = self._catch_ups.get(lane.name)
-        if older is not None:
-            older.cancel()
-        self._catch_ups[lane.name] = asyncio.create_task(
-            self._catch_up(lane), name=f"catch-up {lane.name}"
-        )
-
-    async def _catch_up(self, lane: Lane) -> None:
-        """Re-read this lane's partitions from its own offsets until it reaches the dispatcher.
-
-        Every await is inside the ``try``: wherever a rebalance or shutdown
-        cancels it, the entry in ``_catch_ups`` goes (if it is still this
-        task's) and the reader is closed.
-        """
-        reader: AIOKafkaConsumer | None = None
-        try:
-            await lane.ready.wait()
-            await lane.queue.join()  # the batch in flight (maybe retrying) finishes first
-            reader = AIOKafkaConsumer(
-                bootstrap_servers=self._kafka.bootstrap_servers,
-                group_id=None,
-                enable_auto_commit=False,
-                # Never jump: an offset the retention deleted is an error, not a reset.
-                auto_offset_reset="none",
-                max_poll_records=self._settings.batch_size,
-            )
-            await reader.start()
-            await self._read_until_reached(lane, reader)
-            lane.detached = False  # no await since the check: the next dispatch is ours
-            log.info("%s caught up and re-attached", lane.name)
-        except (OffsetOutOfRangeError, NoOffsetForPartitionError) as exc:
-            await self._strand(lane, exc)
-        finally:
-            if self._catch_ups.get(lane.name) is asyncio.current_task():
-                del self._catch_ups[lane.name]
-            if reader is not None:
-                await reader.stop()
-
-    async def _read_until_reached(self, lane: Lane, reader: AIOKafkaConsumer) -> None:
-        reading: set[TopicPartition] = set()
-        while behind := self._behind(lane):
-            # Partitions fall behind one by one while detached: follow the current set,
-            # always from the lane's own progress.
-            if set(behind) != reading:
-                reading = set(behind)
-                reader.assign(list(reading))
-                for tp, offset in behind.items():
-                    reader.seek(tp, offset)
-            records: Records = await reader.getmany(timeout_ms=self._settings.max_latency_ms)
-            if records:
-                await lane.process(await self._decode(records, record_poison=False))
-
-    async def _strand(self, lane: Lane, exc: Exception) -> None:
-        """Stop a lane whose next events are gone from the topic, and say what to do."""
-        where = ", ".join(
-            f"partition {tp.partition} from offset {offset}"
-            for tp, offset in sorted(self._behind(lane).items())
-        )
-        reason = (
-            f"{lane.name} is stopped: the topic's retention deleted events it had not applied"
-            f" yet ({where}; {type(exc).__name__}). Its read model has a gap that only a"
-            f" rebuild can fill: run `engine rebuild {lane.name}`, then restart the daemon."
-        )
-        log.error(reason)
-        self.stranded[lane.name] = reason
-        lane.failing = reason
-        with contextlib.suppress(Exception):  # for operators (engine status); the log has it
-            await self._checkpoints.failed(lane.name, reason)
-
-    def _behind(self, lane: Lane) -> dict[TopicPartition, int]:
-        return {
-            tp: lane.next_offset[tp]
-            for tp, dispatched in self._dispatched.items()
-            if tp in lane.next_offset and lane.next_offset[tp] < dispatched
-        }
+        self._catch_ups.start(lane)
 
     # -- offsets ----------------------------------------------------------------------
 
@@ -533,15 +376,11 @@ class ProjectionRunner:
         for, bounded; afterwards every lane that is still detached gets a
         fresh one: what decides is the lane's state, not which tasks survived.
         """
-        cancelled = list(self._catch_ups.values())
-        for task in cancelled:
-            task.cancel()
-        if cancelled:
-            await asyncio.wait(cancelled, timeout=self._settings.shutdown_timeout_s)
+        await self._catch_ups.stop(timeout_s=self._settings.shutdown_timeout_s)
         await self._flush(self._settings.shutdown_timeout_s)
         with contextlib.suppress(Exception):
             await self._commit(revoked)
-        self._gaps.forget(revoked)
+        self._decoder.gaps.forget(revoked)
         for tp in revoked:
             self._dispatched.pop(tp, None)
             self._committed.pop(tp, None)
@@ -551,12 +390,10 @@ class ProjectionRunner:
         for lane in self.lanes:
             if not lane.detached or lane.name in self.stranded:
                 continue
-            if self._behind(lane):
-                self._start_catch_up(lane)
+            if self._catch_ups.behind(lane):
+                self._catch_ups.start(lane)
             else:  # nothing of its own left behind: it follows the dispatcher again
-                unwinding = self._catch_ups.get(lane.name)
-                if unwinding is not None:
-                    unwinding.cancel()
+                self._catch_ups.cancel(lane)
                 lane.detached = False
 
     async def _caught_up(self, consumer: AIOKafkaConsumer) -> bool:

@@ -60,7 +60,7 @@ async def test_catch_up_cancelled_by_a_rebalance_while_parked_still_catches_up(
             await relay.drain()
             # Detached, with its catch-up waiting for the batch Elasticsearch will not answer.
             await wait_for(
-                lambda: search.detached and search.busy and "order_search" in first._catch_ups,
+                lambda: search.detached and search.busy and "order_search" in first.catching_up,
                 "search detached with its catch-up parked on the batch in flight",
                 timeout_s=30,
             )
