@@ -72,11 +72,13 @@ from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 from engine.catch_up import CatchUps
 from engine.decoding import Decoder
 from engine.deliveries import Batch
+from engine.drivers import kafka_address, kafka_errors
 from engine.errors import ConfigurationError
 from engine.lane import Lane
 from engine.postgres.checkpoints import CheckpointStore
 from engine.postgres.deadletters import DeadLetterStore
 from engine.registry import EventRegistry
+from engine.retry import Backoff, retrying
 from engine.settings import KafkaSettings, RunnerSettings
 
 log = logging.getLogger("engine.runner")
@@ -144,16 +146,7 @@ class ProjectionRunner:
 
     async def run(self, stop: asyncio.Event, *, until_caught_up: bool = False) -> None:
         """Consume and apply until ``stop`` is set, or (burst mode) until caught up."""
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._kafka.bootstrap_servers,
-            group_id=self._settings.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=self._settings.batch_size,
-            request_timeout_ms=int(self._kafka.request_timeout_s * 1000),
-        )
-        consumer.subscribe([self._kafka.topic], listener=_Listener(self))
-        await consumer.start()
+        consumer = await self._start_consumer()
         self._consumer = consumer
         self._lane_tasks = [asyncio.create_task(lane.run(), name=lane.name) for lane in self.lanes]
         observing = asyncio.create_task(self._observe(), name="lane observer")
@@ -164,6 +157,33 @@ class ProjectionRunner:
             observing.cancel()
             await asyncio.wait({observing}, timeout=self._settings.shutdown_timeout_s)
             await asyncio.shield(self._shutdown(consumer))
+
+    async def _start_consumer(self) -> AIOKafkaConsumer:
+        """The group's consumer, started; Kafka out of reach is waited out, with backoff."""
+
+        async def start() -> AIOKafkaConsumer:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self._kafka.bootstrap_servers,
+                group_id=self._settings.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                max_poll_records=self._settings.batch_size,
+                request_timeout_ms=int(self._kafka.request_timeout_s * 1000),
+            )
+            consumer.subscribe([self._kafka.topic], listener=_Listener(self))
+            try:
+                with kafka_errors(kafka_address(self._kafka)):
+                    await consumer.start()
+            except BaseException:
+                await consumer.stop()  # a failed start leaves connections behind
+                raise
+            return consumer
+
+        async def note(exc: Exception) -> None:
+            log.warning("waiting for Kafka to start consuming: %s", exc)
+
+        backoff = Backoff(self._settings.backoff_initial_s, self._settings.backoff_max_s)
+        return await retrying(start, backoff, on_failure=note)
 
     async def _observe(self) -> None:
         if self._observer is None:
