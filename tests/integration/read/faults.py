@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -37,21 +37,9 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
-@asynccontextmanager
-async def frozen_elasticsearch(settings: Settings) -> AsyncIterator[None]:
+def frozen_elasticsearch(settings: Settings) -> AbstractAsyncContextManager[None]:
     """Elasticsearch frozen (SIGSTOP) inside the block, always resumed (SIGCONT) after it."""
-    manager = StackManager(settings, lambda _line: None)
-    proc = running(manager.layout.pid_file("elasticsearch"))
-    if proc is None:
-        pytest.skip("Elasticsearch is not run by the native local stack here; cannot freeze it")
-    pids = _tree(proc.pid)
-    try:
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        yield
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+    return frozen(settings, "elasticsearch")
 
 
 async def wait_for(condition: Callable[[], bool], what: str, timeout_s: float) -> None:

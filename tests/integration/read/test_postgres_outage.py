@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
@@ -44,7 +46,7 @@ from tests.integration.read.expected import (
     write_model_orders,
 )
 from tests.integration.read.faults import assert_committed_to_the_end
-from tests.integration.read.proxy import proxy_to
+from tests.integration.read.proxy import CuttableProxy, proxy_to
 from tests.integration.read.scenario import populate
 
 NOT_POSTGRES = ("order_quick_lookup", "order_search")
@@ -96,11 +98,14 @@ async def _redis_and_search_current(settings: Settings, pool: asyncpg.Pool, res:
     await _check_search(settings, res.elasticsearch, orders)
 
 
-@pytest.mark.timeout(240)
-async def test_redis_and_search_stay_current_while_postgres_is_down(
-    bus: CommandBus, pool: asyncpg.Pool, settings_for_test: Settings, resources: Resources
-) -> None:
-    settings = settings_for_test
+@asynccontextmanager
+async def _daemon_behind_a_proxy(
+    bus: CommandBus, pool: asyncpg.Pool, settings: Settings, resources: Resources, orders: int
+) -> AsyncIterator[CuttableProxy]:
+    """A daemon (and a relay) running, caught up on ``orders`` orders, its Postgres a proxy.
+
+    On the way out it is stopped, and must end without an error.
+    """
     relay = OutboxRelay(settings.postgres, settings.kafka, settings.relay)
     async with proxy_to(settings.postgres.host, settings.postgres.port) as proxy:
         daemon_settings = _through(settings, proxy.port)
@@ -111,42 +116,9 @@ async def test_redis_and_search_stay_current_while_postgres_is_down(
         stop = asyncio.Event()
         tasks = [asyncio.create_task(runner.run(stop)), asyncio.create_task(relay.run(stop))]
         try:
-            await populate(bus, orders=4, seed=5)
-            await eventually(
-                lambda: assert_projections_match(
-                    settings, pool, resources.redis, resources.elasticsearch
-                ),
-                timeout_s=60,
-            )
-
-            await proxy.cut()
-            during = await _write_orders(bus, 12)
-            # Before: every lane waited for Postgres (dead-letter look-up, fence), so
-            # this timed out with Redis and search as stale as the Postgres views.
-            await eventually(lambda: _redis_and_search_current(settings, pool, resources), 30)
-            details = {str(r["id"]) for r in await pool.fetch("SELECT id FROM order_details")}
-            assert not details & set(during), "the Postgres projection wrote through a cut"
-            # Unconfirmed work is claimed nowhere: no checkpoint, no commit past it.
-            ends = await _end_offsets(settings)
-            for projection in NOT_POSTGRES:
-                recorded = await _recorded(pool, projection)
-                assert recorded != ends, f"{projection} recorded progress through a cut"
-
-            await proxy.restore()
-            await eventually(
-                lambda: assert_projections_match(
-                    settings, pool, resources.redis, resources.elasticsearch
-                ),
-                timeout_s=60,
-            )
-
-            async def caught_up() -> None:
-                await assert_committed_to_the_end(settings)
-                for projection in NOT_POSTGRES:
-                    assert await _recorded(pool, projection) == await _end_offsets(settings)
-
-            await eventually(caught_up, timeout_s=30)
-            assert not await pool.fetchval("SELECT count(*) FROM engine_dead_letters")
+            await populate(bus, orders=orders, seed=orders)
+            await _all_current(settings, pool, resources)
+            yield proxy
         finally:
             stop.set()
             outcomes = await asyncio.wait_for(
@@ -154,6 +126,44 @@ async def test_redis_and_search_stay_current_while_postgres_is_down(
             )
             await daemon_pool.close()
     assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+
+
+async def _all_current(settings: Settings, pool: asyncpg.Pool, resources: Resources) -> None:
+    await eventually(
+        lambda: assert_projections_match(settings, pool, resources.redis, resources.elasticsearch),
+        timeout_s=60,
+    )
+
+
+@pytest.mark.timeout(240)
+async def test_redis_and_search_stay_current_while_postgres_is_down(
+    bus: CommandBus, pool: asyncpg.Pool, settings_for_test: Settings, resources: Resources
+) -> None:
+    settings = settings_for_test
+    async with _daemon_behind_a_proxy(bus, pool, settings, resources, orders=4) as proxy:
+        await proxy.cut()
+        during = await _write_orders(bus, 12)
+        # Before: every lane waited for Postgres (dead-letter look-up, fence), so
+        # this timed out with Redis and search as stale as the Postgres views.
+        await eventually(lambda: _redis_and_search_current(settings, pool, resources), 30)
+        details = {str(r["id"]) for r in await pool.fetch("SELECT id FROM order_details")}
+        assert not details & set(during), "the Postgres projection wrote through a cut"
+        # Unconfirmed work is claimed nowhere: no checkpoint, no commit past it.
+        ends = await _end_offsets(settings)
+        for projection in NOT_POSTGRES:
+            recorded = await _recorded(pool, projection)
+            assert recorded != ends, f"{projection} recorded progress through a cut"
+
+        await proxy.restore()
+        await _all_current(settings, pool, resources)
+
+        async def caught_up() -> None:
+            await assert_committed_to_the_end(settings)
+            for projection in NOT_POSTGRES:
+                assert await _recorded(pool, projection) == await _end_offsets(settings)
+
+        await eventually(caught_up, timeout_s=30)
+        assert not await pool.fetchval("SELECT count(*) FROM engine_dead_letters")
 
 
 @pytest.mark.timeout(240)
@@ -161,54 +171,26 @@ async def test_unconfirmed_writes_are_applied_again_after_a_rebuild_switched_mea
     bus: CommandBus, pool: asyncpg.Pool, settings_for_test: Settings, resources: Resources
 ) -> None:
     settings = settings_for_test
-    relay = OutboxRelay(settings.postgres, settings.kafka, settings.relay)
-    async with proxy_to(settings.postgres.host, settings.postgres.port) as proxy:
-        daemon_settings = _through(settings, proxy.port)
-        daemon_pool = await create_pool(daemon_settings.postgres)
-        runner = build_runner(
-            APP, Resources(daemon_settings, daemon_pool, resources.redis, resources.elasticsearch)
-        )
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(runner.run(stop)), asyncio.create_task(relay.run(stop))]
-        try:
-            await populate(bus, orders=3, seed=9)
-            await eventually(
-                lambda: assert_projections_match(
-                    settings, pool, resources.redis, resources.elasticsearch
-                ),
-                timeout_s=60,
-            )
-            await proxy.cut()
-            await _write_orders(bus, 3)
-            await eventually(lambda: _redis_and_search_current(settings, pool, resources), 30)
+    async with _daemon_behind_a_proxy(bus, pool, settings, resources, orders=3) as proxy:
+        await proxy.cut()
+        await _write_orders(bus, 3)
+        await eventually(lambda: _redis_and_search_current(settings, pool, resources), 30)
 
-            # The rebuild reaches Postgres; the daemon does not, and holds no fence.
-            report = await rebuild(APP, resources, "order_search", lambda done, total: None)
-            assert report.new_generation == report.old_generation + 1
-            # Applied by the cut-off daemon to the retired generation only.
-            after_switch = await _write_orders(bus, 4)
-            old_index = f"{settings.elasticsearch.index_prefix}-orders-v{report.old_generation}"
+        # The rebuild reaches Postgres; the daemon does not, and holds no fence.
+        report = await rebuild(APP, resources, "order_search", lambda done, total: None)
+        assert report.new_generation == report.old_generation + 1
+        # Applied by the cut-off daemon to the retired generation only.
+        after_switch = await _write_orders(bus, 4)
+        old_index = f"{settings.elasticsearch.index_prefix}-orders-v{report.old_generation}"
 
-            async def in_the_retired_generation() -> None:
-                await resources.elasticsearch.indices.refresh(index=old_index)
-                found = await resources.elasticsearch.search(
-                    index=old_index, query={"ids": {"values": after_switch}}, size=100
-                )
-                assert len(found["hits"]["hits"]) == len(after_switch)
+        async def in_the_retired_generation() -> None:
+            await resources.elasticsearch.indices.refresh(index=old_index)
+            found = await resources.elasticsearch.search(
+                index=old_index, query={"ids": {"values": after_switch}}, size=100
+            )
+            assert len(found["hits"]["hits"]) == len(after_switch)
 
-            await eventually(in_the_retired_generation, timeout_s=30)
-            await proxy.restore()
-            # Before: the new generation (which readers use) never got these orders.
-            await eventually(
-                lambda: assert_projections_match(
-                    settings, pool, resources.redis, resources.elasticsearch
-                ),
-                timeout_s=60,
-            )
-        finally:
-            stop.set()
-            outcomes = await asyncio.wait_for(
-                asyncio.gather(*tasks, return_exceptions=True), timeout=60
-            )
-            await daemon_pool.close()
-    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+        await eventually(in_the_retired_generation, timeout_s=30)
+        await proxy.restore()
+        # Before: the new generation (which readers use) never got these orders.
+        await _all_current(settings, pool, resources)
