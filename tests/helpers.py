@@ -4,23 +4,61 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import sys
 import uuid
 from decimal import Decimal
 
 from aiokafka import AIOKafkaConsumer
 
-from engine import CommandBus, CommandResult, EventEnvelope, KafkaSettings, Settings
+from engine import Command, CommandBus, CommandResult, EventEnvelope, KafkaSettings, Settings
 from engine.codec import decode
 from projections.orders import (
     Address,
+    CancelOrder,
+    ChangeShippingAddress,
+    ConfirmOrder,
     CreateOrder,
+    DeliverOrder,
     OrderItemRequest,
     RegisterCustomer,
     RegisterProduct,
+    ShipOrder,
 )
 
 ADDRESS = Address(street="1 Analytical Way", city="London", postal_code="N1 9GU", country="UK")
+MOVED = Address(street="2 Engine Row", city="Lyon", postal_code="69001", country="FR")
+
+
+def order_life_cycle(
+    rng: random.Random, customers: list[str], products: list[str]
+) -> list[Command]:
+    """The commands of one random order's life, in order: created, then as far as chance goes.
+
+    Some orders move house after creation; some are cancelled at the end (which
+    the rules refuse once delivered: callers stop the life cycle there).
+    """
+    order_id = uuid.uuid4()
+    items = [
+        OrderItemRequest(product_id=uuid.UUID(p), quantity=rng.randint(1, 4))
+        for p in rng.sample(products, rng.randint(1, 3))
+    ]
+    steps: list[Command] = [
+        CreateOrder(
+            order_id=order_id,
+            customer_id=uuid.UUID(rng.choice(customers)),
+            items=items,
+            shipping_address=ADDRESS,
+        ),
+        ConfirmOrder(order_id=order_id),
+        ShipOrder(order_id=order_id, tracking_number=f"T{rng.randint(1, 9999)}"),
+        DeliverOrder(order_id=order_id),
+    ][: rng.randint(1, 4)]
+    if rng.random() < 0.2:
+        steps.insert(1, ChangeShippingAddress(order_id=order_id, shipping_address=MOVED))
+    if rng.random() < 0.2:
+        steps.append(CancelOrder(order_id=order_id, reason="changed my mind"))
+    return steps
 
 
 async def new_customer(bus: CommandBus, name: str = "Ada Lovelace") -> str:

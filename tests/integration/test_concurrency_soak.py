@@ -21,7 +21,6 @@ import contextlib
 import os
 import random
 import signal
-import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -43,17 +42,11 @@ from engine.errors import EngineError, RebuildInProgressError
 from engine.rebuild import RebuildReport, rebuild
 from projections.orders import (
     APP,
-    CancelOrder,
-    ConfirmOrder,
-    CreateOrder,
-    DeliverOrder,
-    OrderItemRequest,
     RegisterCustomer,
     RegisterProduct,
-    ShipOrder,
 )
 from projections.orders.wiring import quick_lookup_prefix, search_alias
-from tests.helpers import ADDRESS, settings_env, start_engine
+from tests.helpers import order_life_cycle, settings_env, start_engine
 from tests.integration.folded import assert_stores_equal_the_log
 
 SOAK_SECONDS = float(os.environ.get("ENGINE_SOAK_SECONDS", "45"))
@@ -113,24 +106,7 @@ async def _writer(
     soak: Soak, rng: random.Random, customers: list[str], products: list[str]
 ) -> None:
     while not soak.stop_writing.is_set():
-        order_id = uuid.uuid4()
-        items = [
-            OrderItemRequest(product_id=uuid.UUID(p), quantity=rng.randint(1, 4))
-            for p in rng.sample(products, rng.randint(1, 3))
-        ]
-        steps = [
-            CreateOrder(
-                order_id=order_id,
-                customer_id=uuid.UUID(rng.choice(customers)),
-                items=items,
-                shipping_address=ADDRESS,
-            ),
-            ConfirmOrder(order_id=order_id),
-            ShipOrder(order_id=order_id, tracking_number=f"T{rng.randint(1, 9999)}"),
-            DeliverOrder(order_id=order_id),
-        ][: rng.randint(1, 4)]
-        if rng.random() < 0.2:
-            steps.append(CancelOrder(order_id=order_id, reason="changed my mind"))
+        steps = order_life_cycle(rng, customers, products)
         for command in steps:
             try:
                 result = await soak.bus.execute(command)

@@ -76,16 +76,16 @@ from engine.stack.process import running
 from engine.status import EngineStatus, collect_status
 from projections.orders import (
     APP,
-    Address,
-    CancelOrder,
-    ChangeShippingAddress,
     ConfirmOrder,
-    CreateOrder,
-    DeliverOrder,
-    OrderItemRequest,
-    ShipOrder,
 )
-from tests.helpers import ADDRESS, new_customer, new_order, new_product, run_engine, settings_env
+from tests.helpers import (
+    new_customer,
+    new_order,
+    new_product,
+    order_life_cycle,
+    run_engine,
+    settings_env,
+)
 from tests.integration.chaos import Fleet
 from tests.integration.folded import assert_stores_equal_the_log
 from tests.integration.newer_release import NEXT
@@ -311,34 +311,9 @@ async def _execute(bus: CommandBus, command: Command, tally: Tally) -> CommandRe
         return result
 
 
-def _life_cycle(soak: Soak, rng: random.Random) -> list[Command]:
-    order_id = uuid.uuid4()
-    items = [
-        OrderItemRequest(product_id=uuid.UUID(p), quantity=rng.randint(1, 4))
-        for p in rng.sample(soak.products, rng.randint(1, 3))
-    ]
-    steps: list[Command] = [
-        CreateOrder(
-            order_id=order_id,
-            customer_id=uuid.UUID(rng.choice(soak.customers)),
-            items=items,
-            shipping_address=ADDRESS,
-        ),
-        ConfirmOrder(order_id=order_id),
-        ShipOrder(order_id=order_id, tracking_number=f"T{rng.randint(1, 9999)}"),
-        DeliverOrder(order_id=order_id),
-    ][: rng.randint(1, 4)]
-    if rng.random() < 0.2:
-        moved = Address(street="2 Engine Row", city="Lyon", postal_code="69001", country="FR")
-        steps.insert(1, ChangeShippingAddress(order_id=order_id, shipping_address=moved))
-    if rng.random() < 0.2:
-        steps.append(CancelOrder(order_id=order_id, reason="changed my mind"))
-    return steps
-
-
 async def _writer(soak: Soak, rng: random.Random) -> None:
     while not soak.stop_writing.is_set():
-        for command in _life_cycle(soak, rng):
+        for command in order_life_cycle(rng, soak.customers, soak.products):
             try:
                 await _execute(soak.bus, command, soak.tally)
             except RuleViolationError:
