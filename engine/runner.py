@@ -169,6 +169,8 @@ class ProjectionRunner:
                 auto_offset_reset="earliest",
                 max_poll_records=self._settings.batch_size,
                 request_timeout_ms=int(self._kafka.request_timeout_s * 1000),
+                session_timeout_ms=int(self._settings.session_timeout_s * 1000),
+                heartbeat_interval_ms=int(self._settings.session_timeout_s * 1000 / 3),
             )
             consumer.subscribe([self._kafka.topic], listener=_Listener(self))
             try:
@@ -229,10 +231,11 @@ class ProjectionRunner:
         await asyncio.gather(*self._lane_tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self._commit()
+        committed = dict(self._committed)  # stopping revokes the partitions, which forgets them
         await consumer.stop()
         for lane in self.lanes:
             await lane.close()
-        log.info("projection daemon stopped; offsets committed: %s", self._committed)
+        log.info("projection daemon stopped; offsets committed: %s", committed)
 
     def _check_lanes_alive(self) -> None:
         for task in self._lane_tasks:

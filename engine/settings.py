@@ -179,6 +179,9 @@ class RunnerSettings(_Section):
     backoff_initial_s: float = Field(default=0.2, gt=0)
     backoff_max_s: float = Field(default=10.0, gt=0)
     shutdown_timeout_s: float = Field(default=20.0, gt=0)
+    # How long the group waits for a daemon that stopped heartbeating (killed, frozen)
+    # before giving its partitions to the others; heartbeats go every third of it.
+    session_timeout_s: float = Field(default=10.0, ge=6.0, le=300.0)
     # How often the daemon records each lane's state for `engine status`; a daemon
     # silent for three times this long is taken for dead (killed or hung).
     state_interval_s: float = Field(default=2.0, gt=0, le=600)

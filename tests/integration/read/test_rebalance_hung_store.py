@@ -13,7 +13,7 @@ The interleaving: daemon 1 runs with Redis frozen, its quick-lookup lane
 stuck in a store call; daemon 2 joins the group, so daemon 1 must revoke its
 partitions. ``shutdown_timeout_s`` is set far above the time Redis stays
 frozen, so waiting for the frozen lane lasts until the group's session timeout
-evicts daemon 1 (10 s, aiokafka's default): the group then moves on without
+evicts daemon 1 (``session_timeout_s``, 10 s): the group then moves on without
 it, and daemon 2 takes every partition. Instead, daemon 1 must hand over in
 time and keep its share, and the group must go on with Redis still frozen.
 """
