@@ -14,17 +14,10 @@ from engine.cli.app import app, load_settings, run_reporting_errors
 from engine.cli.logs import configure
 from engine.daemon import build_runner
 from engine.drivers import kafka_address, postgres_address
-from engine.resources import (
-    Resources,
-    StartupStopped,
-    StartupWait,
-    StopSignals,
-    check_postgres,
-    login_errors,
-    open_resources,
-)
+from engine.resources import Resources, open_resources
 from engine.retry import Backoff
 from engine.settings import Settings, env_var
+from engine.startup import StartupStopped, StartupWait, StopSignals, check_postgres, login_errors
 from engine.topics import ensure_topic
 
 log = logging.getLogger("engine.run")

@@ -17,9 +17,9 @@ from engine.postgres.migrations import migrate as apply_migrations
 from engine.postgres.pool import create_pool
 from engine.postgres.roles import grant_read_access
 from engine.relay import OutboxRelay
-from engine.resources import StartupStopped, StartupWait, StopSignals, check_postgres
 from engine.retry import Backoff
 from engine.settings import Settings, env_var
+from engine.startup import StartupStopped, StartupWait, StopSignals, check_postgres
 from engine.topics import ensure_topic
 
 log = logging.getLogger("engine.relay")
