@@ -16,6 +16,7 @@ from engine.commands import (
 )
 from engine.consistency import ConsistencyGate, ConsistencyToken
 from engine.demo import DemoLoader, DemoProgress, DemoSize, DemoSummary
+from engine.drivers import elasticsearch_address, elasticsearch_errors
 from engine.errors import (
     CommandIdReusedError,
     ConfigurationError,
@@ -140,6 +141,8 @@ __all__ = [
     "WriteNotAppliedError",
     "collect_status",
     "create_pool",
+    "elasticsearch_address",
+    "elasticsearch_errors",
     "ensure_topic",
     "grant_read_access",
     "load_application",

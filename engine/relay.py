@@ -67,7 +67,10 @@ and re-checks every ``backoff_max_s``; the rest of the engine keeps running.
 ``drain()`` raises the ConfigurationError instead.
 
 Kafka or Postgres down: the relay backs off (capped, jittered) and retries;
-commands keep succeeding meanwhile because the outbox holds their events.
+commands keep succeeding meanwhile because the outbox holds their events. Each
+Postgres step and each Kafka step is wrapped in its own driver's seam
+(``engine.drivers``), so a failure, a timeout included, arrives as an engine
+error naming the service it came from and that service's address.
 """
 
 from __future__ import annotations
@@ -84,11 +87,11 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from engine import codec
+from engine.drivers import kafka_address, kafka_errors, postgres_address, postgres_errors
 from engine.errors import ConfigurationError, TransientError
 from engine.events import EventEnvelope
 from engine.partitioning import partition_for
 from engine.postgres import outbox
-from engine.postgres.pool import CONNECTION_ERRORS, not_migrated
 from engine.retry import Backoff
 from engine.settings import KafkaSettings, PostgresSettings, RelaySettings, env_var
 from engine.topics import ensure_topic
@@ -183,6 +186,9 @@ class OutboxRelay:
     ) -> None:
         self._postgres = postgres
         self._kafka = kafka
+        # Where each service is, for the errors of its steps (engine.drivers).
+        self._postgres_at = postgres_address(postgres)
+        self._kafka_at = kafka_address(kafka)
         self._settings = settings
         self.name = name
         self._jitter = jitter
@@ -213,7 +219,13 @@ class OutboxRelay:
                 wait = self._settings.backoff_max_s
                 log.error("%s: %s (checking again in %gs)", self.name, exc, wait)
                 await _wait(stop, wait)
-            except (KafkaError, TransientError, *CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+            except (TransientError, asyncpg.PostgresError) as exc:
+                # TransientError: an outage or refusal of Postgres or Kafka, as the seams
+                # translate it, or the lease lost. asyncpg.PostgresError: what the seam
+                # leaves to the caller on purpose (a refused login, a revoked privilege, a
+                # read-only server after a failover): this loop has no caller to hand it
+                # to, and an operator can fix it while we wait. A missing schema is not
+                # retried (a SchemaMissingError): only `engine migrate` helps.
                 self.stats.failures += 1
                 self.is_leader = False
                 wait = backoff.next_delay()
@@ -227,19 +239,13 @@ class OutboxRelay:
 
         For tests, benchmarks and one-shot use: takes the leader lock (waiting for
         another relay to let go of it, or terminating one that has gone silent)
-        and raises on the first failure.
+        and raises the first failure, as an engine error (see ``engine.drivers``).
         """
         before = self.stats.published
         await self._lead(asyncio.Event(), until_caught_up=True)
         return self.stats.published - before
 
     async def _lead(self, stop: asyncio.Event, *, until_caught_up: bool) -> None:
-        try:
-            await self._lead_once(stop, until_caught_up=until_caught_up)
-        except asyncpg.UndefinedTableError as exc:
-            raise not_migrated(exc) from exc  # a ConfigurationError: retrying cannot help
-
-    async def _lead_once(self, stop: asyncio.Event, *, until_caught_up: bool) -> None:
         conn = await self._connect()
         try:
             await self._become_leader(conn, stop)
@@ -252,40 +258,46 @@ class OutboxRelay:
             )
         finally:
             self.is_leader = False
-            await asyncio.shield(conn.close(timeout=5))
+            # A connection that cannot close cleanly is aborted: nothing is left open, and
+            # its error would only hide why we are leaving.
+            quiet = contextlib.suppress(TransientError, asyncpg.PostgresError)
+            with quiet, postgres_errors(self._postgres_at):
+                await asyncio.shield(conn.close(timeout=5))
 
     async def _connect(self) -> asyncpg.Connection:
         timeout_s = self._settings.leader_timeout_s
-        return await asyncpg.connect(
-            self._postgres.dsn(),
-            timeout=10,
-            command_timeout=self._step_s,
-            server_settings={
-                "application_name": f"engine-relay:{self.name}"[:63],
-                # Postgres drops a client that stopped answering by itself, within
-                # about the leader timeout (probes start at a quarter of it).
-                "tcp_keepalives_idle": str(max(1, int(timeout_s / 4))),
-                "tcp_keepalives_interval": str(max(1, int(timeout_s / 8))),
-                "tcp_keepalives_count": "4",
-                "tcp_user_timeout": str(int(timeout_s * 1000)),
-            },
-        )
+        with postgres_errors(self._postgres_at):
+            return await asyncpg.connect(
+                self._postgres.dsn(),
+                timeout=10,
+                command_timeout=self._step_s,
+                server_settings={
+                    "application_name": f"engine-relay:{self.name}"[:63],
+                    # Postgres drops a client that stopped answering by itself, within
+                    # about the leader timeout (probes start at a quarter of it).
+                    "tcp_keepalives_idle": str(max(1, int(timeout_s / 4))),
+                    "tcp_keepalives_interval": str(max(1, int(timeout_s / 8))),
+                    "tcp_keepalives_count": "4",
+                    "tcp_user_timeout": str(int(timeout_s * 1000)),
+                },
+            )
 
     async def _become_leader(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         holder: tuple[int, float] | None = None  # the lock holder's pid, and since when we see it
         while not stop.is_set():
-            if await conn.fetchval(_TAKE, LEADER_LOCK, self.name):
-                self.is_leader = True
-                log.info("%s: leading (holds the relay lock and lease)", self.name)
-                return
-            row = await conn.fetchrow(_HOLDER, LEADER_LOCK, self._settings.leader_timeout_s)
-            if row is not None:
-                if holder is None or holder[0] != row["pid"]:
-                    holder = (row["pid"], loop.time())
-                watched_s = loop.time() - holder[1]
-                if not row["fresh"] and watched_s >= self._settings.leader_timeout_s:
-                    await self._terminate(conn, row["pid"], row["holder_name"])
+            with postgres_errors(self._postgres_at):
+                if await conn.fetchval(_TAKE, LEADER_LOCK, self.name):
+                    self.is_leader = True
+                    log.info("%s: leading (holds the relay lock and lease)", self.name)
+                    return
+                row = await conn.fetchrow(_HOLDER, LEADER_LOCK, self._settings.leader_timeout_s)
+                if row is not None:
+                    if holder is None or holder[0] != row["pid"]:
+                        holder = (row["pid"], loop.time())
+                    watched_s = loop.time() - holder[1]
+                    if not row["fresh"] and watched_s >= self._settings.leader_timeout_s:
+                        await self._terminate(conn, row["pid"], row["holder_name"])
             await _wait(stop, self._settings.standby_retry_s)
 
     async def _terminate(self, conn: asyncpg.Connection, pid: int, name: str | None) -> None:
@@ -304,22 +316,26 @@ class OutboxRelay:
         """Renew the lease every quarter of the leader timeout; raise as soon as we cannot."""
         while True:
             await asyncio.sleep(self._step_s)
-            async with session.use() as conn:
-                renewed = await conn.fetchval(_RENEW, LEADER_LOCK)
+            with postgres_errors(self._postgres_at):
+                async with session.use() as conn:
+                    renewed = await conn.fetchval(_RENEW, LEADER_LOCK)
             if not renewed:
                 raise TransientError(f"{self.name}: the relay lease is no longer ours")
 
     async def _publish(
         self, session: _Session, stop: asyncio.Event, *, until_caught_up: bool
     ) -> None:
-        await asyncio.wait_for(ensure_topic(self._kafka), self._kafka_step_s)
+        with kafka_errors(self._kafka_at):
+            await asyncio.wait_for(ensure_topic(self._kafka), self._kafka_step_s)
         producer = self._producer_factory(self._kafka)
         try:
-            await asyncio.wait_for(producer.start(), self._kafka_step_s)
+            with kafka_errors(self._kafka_at):
+                await asyncio.wait_for(producer.start(), self._kafka_step_s)
             await self._check_partitions(producer)
             await self._publish_loop(session, producer, stop, until_caught_up=until_caught_up)
         finally:
-            with contextlib.suppress(TimeoutError, KafkaError):
+            # Whatever Kafka says while we let go would hide why we are leaving.
+            with contextlib.suppress(TransientError), kafka_errors(self._kafka_at):
                 await asyncio.wait_for(producer.stop(), self._kafka_step_s)
 
     async def _publish_loop(
@@ -331,8 +347,9 @@ class OutboxRelay:
         def on_notify(*_args: object) -> None:
             wake.set()
 
-        async with session.use() as conn:
-            await conn.add_listener(outbox.NOTIFY_CHANNEL, on_notify)
+        with postgres_errors(self._postgres_at):
+            async with session.use() as conn:
+                await conn.add_listener(outbox.NOTIFY_CHANNEL, on_notify)
         loop = asyncio.get_running_loop()
         next_cleanup = loop.time()
         try:
@@ -349,41 +366,51 @@ class OutboxRelay:
                     return
                 await _wait_any(stop, wake, self._settings.poll_interval_s)
         finally:
-            with contextlib.suppress(*CONNECTION_ERRORS, asyncpg.PostgresError):
+            quiet = contextlib.suppress(TransientError, asyncpg.PostgresError)
+            with quiet, postgres_errors(self._postgres_at):
                 async with session.use() as conn:
                     await conn.remove_listener(outbox.NOTIFY_CHANNEL, on_notify)
 
     async def _purge(self, session: _Session) -> None:
         # Bounded like every step, so it cannot starve the lease; a purge too big
         # for the bound is skipped (the next one retries) rather than stop publishing.
-        try:
+        # Caught inside the seam: here a timeout is the purge's size, not an outage.
+        with postgres_errors(self._postgres_at):
             async with session.use() as conn:
-                await outbox.purge_published(conn, self._settings.retention_hours)
-        except (TimeoutError, asyncpg.QueryCanceledError):
-            log.warning("%s: purging published outbox rows took too long; will retry", self.name)
+                try:
+                    await outbox.purge_published(conn, self._settings.retention_hours)
+                except (TimeoutError, asyncpg.QueryCanceledError):
+                    log.warning(
+                        "%s: purging published outbox rows took too long; will retry", self.name
+                    )
 
     async def _publish_batch(self, session: _Session, producer: AIOKafkaProducer) -> int:
-        async with session.use() as conn:
-            events = await outbox.fetch_pending(conn, self._settings.batch_size)
+        with postgres_errors(self._postgres_at):
+            async with session.use() as conn:
+                events = await outbox.fetch_pending(conn, self._settings.batch_size)
         if not events:
             return 0
         lanes: dict[int, list[EventEnvelope]] = {}
         for envelope in events:
             partition = partition_for(envelope.aggregate_id, self._kafka.partitions)
             lanes.setdefault(partition, []).append(envelope)
-        outcomes = await asyncio.gather(
-            *(self._send_in_order(producer, p, lane) for p, lane in lanes.items())
-        )
+        with kafka_errors(self._kafka_at):
+            outcomes = await asyncio.gather(
+                *(self._send_in_order(producer, p, lane) for p, lane in lanes.items())
+            )
         published = [p for acked, _ in outcomes for p in acked]
         if published:
             # Exactly the acknowledged rows, with where Kafka put each of them.
-            async with session.use() as conn:
-                await asyncio.shield(outbox.mark_published(conn, published))
+            with postgres_errors(self._postgres_at):
+                async with session.use() as conn:
+                    await asyncio.shield(outbox.mark_published(conn, published))
             self.stats.published += len(published)
             self.stats.batches += 1
         for _, failure in outcomes:
             if failure is not None:
-                raise failure  # after marking: the next round resends only the rest
+                # After marking: the next round resends only the rest.
+                with kafka_errors(self._kafka_at):
+                    raise failure
         return len(published)
 
     async def _send_in_order(
@@ -426,7 +453,8 @@ class OutboxRelay:
     async def _check_partitions(self, producer: AIOKafkaProducer) -> None:
         """Refuse a topic whose partition count differs from the setting, saying what is safe."""
         kafka = self._kafka
-        actual = len(await producer.partitions_for(kafka.topic))
+        with kafka_errors(self._kafka_at):
+            actual = len(await producer.partitions_for(kafka.topic))
         if actual == kafka.partitions:
             self.refused = None
             return

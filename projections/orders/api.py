@@ -20,7 +20,8 @@ from engine import (
     Command,
     ConsistencyToken,
     RedisHashReader,
-    ServiceUnavailableError,
+    elasticsearch_address,
+    elasticsearch_errors,
     validate_command,
 )
 from engine.api import READER, WRITER, ApiContext, api_context, consistency_token
@@ -139,11 +140,10 @@ def _queries(ctx: ApiContext) -> OrdersQueries:
 
 async def _refresh(es: AsyncElasticsearch, alias: str) -> None:
     try:
-        await es.indices.refresh(index=alias)
+        with elasticsearch_errors(elasticsearch_address(es)):
+            await es.indices.refresh(index=alias)
     except elasticsearch.NotFoundError:
         return  # no index yet: the search itself says so
-    except elasticsearch.TransportError as exc:
-        raise ServiceUnavailableError("Elasticsearch", alias, str(exc)) from exc
 
 
 def build_router() -> APIRouter:

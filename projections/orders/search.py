@@ -25,14 +25,15 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
-from elasticsearch import ApiError, AsyncElasticsearch, NotFoundError, TransportError
+from elasticsearch import ApiError, AsyncElasticsearch, NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from engine import (
     EngineError,
     ServiceUnavailableError,
-    TransientError,
     ValidationFailedError,
+    elasticsearch_address,
+    elasticsearch_errors,
 )
 from projections.orders.rules import OrderStatus
 
@@ -194,9 +195,15 @@ def build_search_body(query: OrderSearchQuery) -> dict[str, Any]:
 async def search_orders(
     es: AsyncElasticsearch, alias: str, query: OrderSearchQuery
 ) -> OrderSearchPage:
-    """Run ``query`` against the order search index behind ``alias``."""
+    """Run ``query`` against the order search index behind ``alias``.
+
+    Elasticsearch down or refusing for a while becomes the engine's
+    TransientError (naming the cluster's host:port, see ``elasticsearch_errors``);
+    a missing index and a refused request are this module's to name.
+    """
     try:
-        response = await es.search(index=alias, body=build_search_body(query))
+        with elasticsearch_errors(elasticsearch_address(es)):
+            response = await es.search(index=alias, body=build_search_body(query))
     except NotFoundError as exc:
         raise ServiceUnavailableError(
             "the order search index",
@@ -204,10 +211,9 @@ async def search_orders(
             "It does not exist yet: start the projection daemon (engine run) so that the "
             "order_search projection creates it",
         ) from exc
-    except TransportError as exc:
-        raise ServiceUnavailableError("Elasticsearch", _address(es), str(exc)) from exc
     except ApiError as exc:
-        raise _api_error(exc) from exc
+        # Not the caller's input (that was validated): a mapping or body the index does not take.
+        raise EngineError(f"Elasticsearch rejected an order search: {exc}") from exc
     return _page(query, response.body)
 
 
@@ -306,16 +312,3 @@ def _hit(raw: Mapping[str, Any], scored: bool) -> OrderSearchHit:
         updated_at=source["updated_at"],
         score=raw.get("_score") if scored else None,
     )
-
-
-def _api_error(exc: ApiError) -> EngineError:
-    status = exc.meta.status
-    if status >= 500 or status == 429:
-        return TransientError(f"Elasticsearch answered {status} to an order search")
-    # Not the caller's input (that was validated): a mapping or body the index does not take.
-    return EngineError(f"Elasticsearch rejected an order search: {exc}")
-
-
-def _address(es: AsyncElasticsearch) -> str:
-    nodes = es.transport.node_pool.all()
-    return ", ".join(str(node.base_url) for node in nodes) or "Elasticsearch"

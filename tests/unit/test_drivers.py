@@ -25,12 +25,16 @@ from elasticsearch import (
 
 from engine.drivers import (
     elasticsearch_address,
+    elasticsearch_error,
     elasticsearch_errors,
     kafka_address,
+    kafka_error,
     kafka_errors,
     postgres_address,
+    postgres_error,
     postgres_errors,
     redis_address,
+    redis_error,
     redis_errors,
 )
 from engine.errors import (
@@ -238,3 +242,46 @@ def test_every_translation_is_an_engine_error() -> None:
     for seam, _, exc in UNREACHABLE + REFUSED:
         with pytest.raises(EngineError), seam(ADDRESS):
             raise exc
+
+
+# -- the functions, for a boundary that sees the exception afterwards ---------------
+
+TRANSLATIONS: dict[Seam, Callable[..., EngineError | None]] = {
+    postgres_errors: postgres_error,
+    redis_errors: redis_error,
+    elasticsearch_errors: elasticsearch_error,
+    kafka_errors: kafka_error,
+}
+
+
+@pytest.mark.parametrize(
+    ("seam", "service", "exc"), UNREACHABLE + REFUSED, ids=_ids(UNREACHABLE + REFUSED)
+)
+def test_each_function_translates_as_its_seam_does(
+    seam: Seam, service: str, exc: Exception
+) -> None:
+    with pytest.raises(EngineError) as caught, seam(ADDRESS, "Start it"):
+        raise exc
+    translated = TRANSLATIONS[seam](exc, ADDRESS, "Start it")
+    assert type(translated) is type(caught.value)
+    assert str(translated) == str(caught.value)
+    assert service in str(translated)
+
+
+@pytest.mark.parametrize(
+    ("seam", "exc"), UNTOUCHED, ids=[f"{s.__name__}-{type(e).__name__}" for s, e in UNTOUCHED]
+)
+def test_each_function_leaves_alone_what_its_seam_lets_pass(seam: Seam, exc: Exception) -> None:
+    assert TRANSLATIONS[seam](exc, ADDRESS) is None
+
+
+async def test_an_elasticsearch_address_lists_every_node() -> None:
+    es = AsyncElasticsearch(["http://es1.example:9200", "http://es2.example:9201"])
+    try:
+        # In the node pool's order, which it shuffles.
+        assert set(elasticsearch_address(es).split(", ")) == {
+            "es1.example:9200",
+            "es2.example:9201",
+        }
+    finally:
+        await es.close()

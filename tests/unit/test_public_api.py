@@ -69,6 +69,8 @@ def test_public_names_are_pinned() -> None:
         "WriteNotAppliedError",
         "collect_status",
         "create_pool",
+        "elasticsearch_address",
+        "elasticsearch_errors",
         "ensure_topic",
         "grant_read_access",
         "load_application",

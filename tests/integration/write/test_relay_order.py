@@ -17,10 +17,18 @@ from typing import Any
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError
 
-from engine import KafkaSettings, OutboxRelay, RelaySettings, Settings, partition_for
+from engine import (
+    KafkaSettings,
+    OutboxRelay,
+    RelaySettings,
+    ServiceUnavailableError,
+    Settings,
+    partition_for,
+)
 from engine.codec import decode
+from engine.drivers import kafka_address
 from engine.postgres import outbox
 from tests.helpers import assert_in_order_without_gaps
 
@@ -138,9 +146,11 @@ async def test_a_failed_send_then_successful_ones_never_put_a_version_before_its
         RelaySettings(batch_size=total),
         producer_factory=_factory(fault),
     )
-    with pytest.raises(KafkaError):
-        await relay.drain()  # the injected failure
+    with pytest.raises(ServiceUnavailableError) as failed:
+        await relay.drain()  # the injected failure, translated by the Kafka seam
     assert fault.fired
+    assert (failed.value.service, failed.value.address) == ("Kafka", kafka_address(kafka))
+    assert isinstance(failed.value.__cause__, KafkaTimeoutError)
     async with pool.acquire() as conn:
         # What was acknowledged is marked (the other partitions, the first send to this
         # one); the rest of that partition waits for the next round.
