@@ -209,7 +209,12 @@ async def check_postgres(postgres: PostgresSettings, migrations: Sequence[Migrat
                 f"no migrations applied to the database {postgres.database!r} at {address}"
             ) from exc
         finally:
-            await conn.close(timeout=5)
+            # The check is done either way: a close that does not complete (a half-open
+            # connection) must not turn it into an outage to wait out.
+            try:
+                await conn.close(timeout=5)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                conn.terminate()
     pending = [migration.id for migration in migrations if migration.id not in applied]
     if pending:
         raise SchemaMissingError(
