@@ -196,6 +196,10 @@ class Lane:
         # Events this projection does not handle count as done too: a reader
         # waiting for one of them must not wait for ever.
         self._note_progress(batch.progress, changed)
+        if self._unconfirmed and time.monotonic() >= self._fence_retry_at:
+            # Also when this batch needed no write: a lane that handles none of a
+            # steady stream's events would otherwise confirm only once idle.
+            await self._try_confirm()
         if self._unconfirmed:
             for delivery in batch:
                 self.unconfirmed_from.setdefault(delivery.tp, delivery.offset)
@@ -209,20 +213,23 @@ class Lane:
             return
         self.busy = True
         try:
-            if self._unconfirmed:
-                self._fence_retry_at = 0.0  # this is the time to try again
-                try:
-                    async with self._current_store() as (_, confirmed):
-                        pass
-                except Exception as exc:
-                    log.debug("%s: cannot confirm yet: %s", self.name, exc)
-                    return
-                if not confirmed:
-                    return
-                self.unconfirmed_from.clear()
+            if self._unconfirmed and not await self._try_confirm():
+                return
+            self.unconfirmed_from.clear()
             await self._record_progress()
         finally:
             self.busy = False
+
+    async def _try_confirm(self) -> bool:
+        """Take the fence once, which confirms unconfirmed work; whether it is confirmed."""
+        self._fence_retry_at = 0.0  # this is the time to try again
+        try:
+            async with self._current_store() as (_, confirmed):
+                pass
+        except Exception as exc:
+            log.debug("%s: cannot confirm yet: %s", self.name, exc)
+            return False
+        return confirmed
 
     def _note_progress(self, progress: Sequence[PartitionProgress], changed: int) -> None:
         for p in progress:
