@@ -80,6 +80,7 @@ from engine.postgres.deadletters import DeadLetterStore
 from engine.registry import EventRegistry
 from engine.retry import Backoff, retrying
 from engine.settings import KafkaSettings, RunnerSettings
+from engine.startup import StartupStopped
 
 log = logging.getLogger("engine.runner")
 
@@ -146,7 +147,11 @@ class ProjectionRunner:
 
     async def run(self, stop: asyncio.Event, *, until_caught_up: bool = False) -> None:
         """Consume and apply until ``stop`` is set, or (burst mode) until caught up."""
-        consumer = await self._start_consumer()
+        try:
+            consumer = await self._start_consumer(stop)
+        except StartupStopped:
+            log.info("projection daemon stopped before it started consuming")
+            return
         self._consumer = consumer
         self._lane_tasks = [asyncio.create_task(lane.run(), name=lane.name) for lane in self.lanes]
         observing = asyncio.create_task(self._observe(), name="lane observer")
@@ -158,8 +163,8 @@ class ProjectionRunner:
             await asyncio.wait({observing}, timeout=self._settings.shutdown_timeout_s)
             await asyncio.shield(self._shutdown(consumer))
 
-    async def _start_consumer(self) -> AIOKafkaConsumer:
-        """The group's consumer, started; Kafka out of reach is waited out, with backoff."""
+    async def _start_consumer(self, stop: asyncio.Event) -> AIOKafkaConsumer:
+        """The group's consumer, started; Kafka out of reach is waited out until ``stop``."""
 
         async def start() -> AIOKafkaConsumer:
             consumer = AIOKafkaConsumer(
@@ -182,6 +187,8 @@ class ProjectionRunner:
             return consumer
 
         async def note(exc: Exception) -> None:
+            if stop.is_set():
+                raise StartupStopped("asked to stop while waiting for Kafka") from exc
             log.warning("waiting for Kafka to start consuming: %s", exc)
 
         backoff = Backoff(self._settings.backoff_initial_s, self._settings.backoff_max_s)
