@@ -20,7 +20,8 @@ driver          raised by the driver                           becomes
 PostgreSQL      OSError, TimeoutError, InterfaceError,         ServiceUnavailableError
                 PostgresConnectionError (a connection lost
                 mid-query), CannotConnectNow, AdminShutdown,
-                CrashShutdown
+                CrashShutdown, InternalClientError (a pooled
+                connection broken by a server restart)
 PostgreSQL      Serialization, DeadlockDetected,               TransientError
                 TooManyConnections, QueryCanceled
 PostgreSQL      UndefinedTable                                 SchemaMissingError
