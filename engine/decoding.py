@@ -55,7 +55,7 @@ class Decoder:
         self._registry = registry
         self._dead_letters = dead_letters
         self._settings = settings
-        self.gaps = VersionGaps()
+        self.gaps = VersionGaps(settings.gap_memory_aggregates)
 
     def decode(self, records: Records, *, check_gaps: bool = False) -> Decoded:
         decoded = Decoded()
@@ -67,7 +67,7 @@ class Decoder:
                 try:
                     envelope = codec.decode(message.value)
                     event = self._registry.decode(envelope)
-                    if check_gaps:
+                    if check_gaps and self._settings.gap_memory_aggregates:
                         self._check_gap(tp, envelope.aggregate_id, envelope.aggregate_version)
                 except Exception as exc:
                     if not isinstance(exc, PoisonError):

@@ -18,8 +18,9 @@ order (an operator who knows the missing event will never come accepts the
 hole the same way).
 
 What it can see. The dispatcher remembers, per partition, the last version it
-saw of the ``capacity`` most recently seen aggregates (least recently seen
-forgotten first), since this process started or was assigned the partition.
+saw of the ``capacity`` most recently seen aggregates
+(``ENGINE_RUNNER__GAP_MEMORY_AGGREGATES``, about 250 bytes each; least recently
+seen forgotten first), since this process started or was assigned the partition.
 The first event of an aggregate it does not remember is not checked: a
 store's version cannot stand in, since a projection does not see every event
 type of an aggregate. Only the group's own stream is checked: a catch-up

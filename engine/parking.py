@@ -64,6 +64,8 @@ class ParkedAggregates:
                 functools.partial(self._dead_letters.parked_ids, self._projection)
             )
         parked = self._ids
+        if not parked:  # the common case: nothing to look at, for any event
+            return deliveries
         candidates = [self._letter(d) for d in deliveries if aggregate_of(d)[0] in parked]
         if not candidates:
             return deliveries

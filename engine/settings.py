@@ -172,6 +172,9 @@ class RunnerSettings(_Section):
     stall_timeout_s: float = Field(default=3.0, gt=0)
     # A handler that keeps failing (not a store outage) this many times is dead-lettered.
     max_attempts: int = Field(default=3, ge=1, le=100)
+    # Aggregates whose last version the daemon remembers, to see a version jump (a gap)
+    # in the stream; about 250 bytes each (100,000: some 25 MB). 0 turns the check off.
+    gap_memory_aggregates: int = Field(default=100_000, ge=0, le=10_000_000)
     # While Postgres is unreachable, a lane whose own store answers keeps applying,
     # unconfirmed, up to this many events (kept in memory to apply again if a rebuild
     # switched generations meanwhile); past it, the lane waits for Postgres too.
