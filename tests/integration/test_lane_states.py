@@ -30,7 +30,12 @@ from tests.helpers import (
     start_engine,
 )
 from tests.integration.read.expected import eventually
-from tests.integration.read.faults import fast_detaching, frozen_elasticsearch, wait_for
+from tests.integration.read.faults import (
+    failures_of,
+    fast_detaching,
+    frozen_elasticsearch,
+    wait_for,
+)
 from tests.integration.read.scenario import populate
 
 # Rows go stale after three of these: a killed daemon is noticed within 1.5 s.
@@ -131,10 +136,8 @@ async def test_a_frozen_search_store_shows_search_detached_with_a_reason_the_oth
         await eventually(lambda: _all_attached_and_caught_up(settings, resources), timeout_s=60)
     finally:
         stop.set()
-        outcomes = await asyncio.wait_for(
-            asyncio.gather(*tasks, return_exceptions=True), timeout=60
-        )
-    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+        failures = await failures_of(tasks)
+    assert not failures, failures
 
 
 @pytest.mark.timeout(180)

@@ -13,9 +13,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -180,3 +181,13 @@ async def until_postgres_accepts(settings: Settings, timeout_s: float = 120.0) -
         else:
             await conn.close()
             return
+
+
+async def failures_of(
+    tasks: Sequence[asyncio.Task[Any]], timeout_s: float = 60
+) -> list[BaseException]:
+    """Wait (bounded) for ``tasks`` to end; the exceptions they ended with."""
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*tasks, return_exceptions=True), timeout=timeout_s
+    )
+    return [o for o in outcomes if isinstance(o, BaseException)]

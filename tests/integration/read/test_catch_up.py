@@ -22,6 +22,7 @@ from projections.orders import APP
 from tests.integration.read.expected import assert_projections_match, eventually
 from tests.integration.read.faults import (
     assert_committed_to_the_end,
+    failures_of,
     fast_detaching,
     frozen_elasticsearch,
     wait_for,
@@ -83,7 +84,5 @@ async def test_catch_up_cancelled_by_a_rebalance_while_parked_still_catches_up(
         assert not search.detached
     finally:
         stop.set()
-        outcomes = await asyncio.wait_for(
-            asyncio.gather(*tasks, return_exceptions=True), timeout=60
-        )
-    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+        failures = await failures_of(tasks)
+    assert not failures, failures

@@ -24,7 +24,7 @@ from engine.stores.redis import RedisHashStore
 from projections.orders import APP, ConfirmOrder
 from tests.helpers import new_customer, new_order, new_product
 from tests.integration.read.expected import assert_projections_match, eventually
-from tests.integration.read.faults import frozen_elasticsearch
+from tests.integration.read.faults import failures_of, frozen_elasticsearch
 from tests.integration.read.scenario import populate
 
 # Everything but search: Postgres views and the Redis quick lookup.
@@ -93,10 +93,8 @@ async def test_a_frozen_store_holds_the_others_back_at_most_the_stall_bound(
         assert not search.detached
     finally:
         stop.set()
-        outcomes = await asyncio.wait_for(
-            asyncio.gather(*tasks, return_exceptions=True), timeout=60
-        )
-    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+        failures = await failures_of(tasks)
+    assert not failures, failures
 
 
 @pytest.mark.timeout(180)

@@ -45,7 +45,7 @@ from tests.integration.read.expected import (
     eventually,
     write_model_orders,
 )
-from tests.integration.read.faults import assert_committed_to_the_end
+from tests.integration.read.faults import assert_committed_to_the_end, failures_of
 from tests.integration.read.proxy import CuttableProxy, proxy_to
 from tests.integration.read.scenario import populate
 
@@ -121,11 +121,9 @@ async def _daemon_behind_a_proxy(
             yield proxy
         finally:
             stop.set()
-            outcomes = await asyncio.wait_for(
-                asyncio.gather(*tasks, return_exceptions=True), timeout=60
-            )
+            failures = await failures_of(tasks)
             await daemon_pool.close()
-    assert not [o for o in outcomes if isinstance(o, BaseException)], outcomes
+    assert not failures, failures
 
 
 async def _all_current(settings: Settings, pool: asyncpg.Pool, resources: Resources) -> None:
