@@ -42,6 +42,7 @@ from elasticsearch import ApiError, AsyncElasticsearch, BadRequestError, NotFoun
 from engine.drivers import elasticsearch_address, elasticsearch_errors
 from engine.errors import PoisonError, TransientError
 from engine.projection import Document, DocumentProjection, Projected, fold_and_write
+from engine.stores.refresh import refresher
 
 VERSION_FIELD = "_v"
 
@@ -58,6 +59,7 @@ class ElasticsearchDocumentStore:
         *,
         settings: Mapping[str, Any] | None = None,
         generation: int = 1,
+        refresh_after_write_s: float | None = None,
     ) -> None:
         self._client = client
         self._projection = projection
@@ -66,6 +68,9 @@ class ElasticsearchDocumentStore:
         self.index = f"{alias}-v{generation}"
         self._mappings = {**mappings}
         self._settings = dict(settings or {"number_of_shards": 1, "number_of_replicas": 0})
+        # When writes become searchable: engine.stores.refresh (None: the index's interval).
+        self._refresh_after_write_s = refresh_after_write_s
+        self._refresher = refresher(client, self.index, refresh_after_write_s)
 
     def at_generation(self, generation: int) -> ElasticsearchDocumentStore:
         return ElasticsearchDocumentStore(
@@ -75,6 +80,7 @@ class ElasticsearchDocumentStore:
             self._mappings,
             settings=self._settings,
             generation=generation,
+            refresh_after_write_s=self._refresh_after_write_s,
         )
 
     async def setup(self) -> None:
@@ -199,6 +205,7 @@ class ElasticsearchDocumentStore:
                 action = {"create": {"_index": self.index, "_id": doc_id}}
             operations += [action, {**doc, VERSION_FIELD: version}]
         response = await self._client.bulk(operations=operations)
+        self._refresher.written()
         conflicts: set[str] = set()
         for entry in response["items"]:
             result = next(iter(entry.values()))
@@ -212,4 +219,4 @@ class ElasticsearchDocumentStore:
         return conflicts
 
     async def close(self) -> None:
-        return None
+        await self._refresher.close()
