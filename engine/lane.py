@@ -66,6 +66,7 @@ from engine.postgres.deadletters import DeadLetterStore, NewDeadLetter
 from engine.projection import Projected, Projection, ProjectionStore, RebuildableStore
 from engine.retry import Backoff, any_error, retrying
 from engine.settings import RunnerSettings
+from engine.stores.cache import CachingStore
 
 log = logging.getLogger("engine.runner")
 
@@ -91,6 +92,9 @@ class Lane:
         self._dead_letters = dead_letters
         self._checkpoints = checkpoints
         self._jitter = jitter
+        # The event types it takes, when ``wants`` is the default (a set look-up per
+        # event instead of a method call: five lanes look at every event).
+        self._handles = projection.handles if type(projection).wants is Projection.wants else None
         self.queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=settings.lane_queue_batches)
         self.next_offset: dict[TopicPartition, int] = {}
         self.detached = False
@@ -186,7 +190,15 @@ class Lane:
         self.ready.set()
 
     async def process(self, batch: Batch) -> None:
-        wanted = [d for d in batch if d.item is not None and self.projection.wants(d.item.envelope)]
+        handles = self._handles
+        if handles is not None:
+            wanted = [
+                d for d in batch if d.item is not None and d.item.envelope.event_type in handles
+            ]
+        else:
+            wanted = [
+                d for d in batch if d.item is not None and self.projection.wants(d.item.envelope)
+            ]
         wanted = await self.parked.hold(wanted)
         changed = await self._apply(wanted) if wanted else 0
         for delivery in batch:
@@ -398,6 +410,11 @@ class Lane:
             log.info("%s: %d unconfirmed event(s) confirmed", self.name, len(self._unconfirmed))
         self._unconfirmed.clear()
         self._unconfirmed_generation = None
+
+    def forget_cached(self) -> None:
+        """Empty the store's document cache, if it has one (partitions are moving)."""
+        if isinstance(self.store, CachingStore):
+            self.store.forget_cached()
 
     async def close(self) -> None:
         if self._fence is not None:

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from engine.errors import TransientError
 from engine.events import DomainEvent, EventEnvelope
+from engine.stores.cache import DocumentCache, Plan
 
 Document = dict[str, Any]
 
@@ -147,8 +148,15 @@ def fold(
     """
     changed: dict[str, tuple[Document, int]] = {}
     for item in items:
-        base: tuple[Document | None, int] = current.get(item.aggregate_id, (None, 0))
-        doc, version = changed.get(item.aggregate_id, base)
+        known = changed.get(item.aggregate_id)
+        if known is None:
+            doc, version = current.get(item.aggregate_id, (None, 0))
+            if doc is not None:
+                # A copy: ``current`` stays what the store holds, which a store may
+                # diff against or cache, even if a projection edits ``doc`` in place.
+                doc = dict(doc)
+        else:
+            doc, version = known
         if item.version <= version:
             continue
         changed[item.aggregate_id] = (projection.apply(doc, item), item.version)
@@ -165,18 +173,36 @@ async def fold_and_write(
     read: Callable[[Sequence[str]], Awaitable[Current]],
     write: Callable[[Changed, Current], Awaitable[set[str]]],
     rounds: int = 5,
+    *,
+    cache: DocumentCache | None = None,
+    plan: Plan | None = None,
 ) -> int:
     """Optimistic apply for compare-and-set stores: read, fold, write, retry the conflicts.
 
     ``read`` returns the current documents of some aggregates; ``write``
     writes the changed ones only where they are still as read, and returns the
     aggregate ids that changed meanwhile, which are read and folded again.
-    Returns how many documents were written.
+    With a ``cache`` (:mod:`engine.stores.cache`), only what it does not know
+    is read, and a conflict drops the entry and reads that aggregate from then
+    on; ``write`` puts what it wrote into the cache. ``plan`` (the cache's view
+    of the current round, for stores that keep a stamp with each document) is
+    filled in place. Returns how many documents were written.
     """
     pending = list(items)
     written = 0
+    if cache is not None and plan is None:
+        plan = Plan()
     for _ in range(rounds):
-        current = await read(sorted({item.aggregate_id for item in pending}))
+        ids = sorted({item.aggregate_id for item in pending})
+        current: Current = {}
+        if cache is not None and plan is not None:
+            cache.plan(ids, pending, plan)
+            for aggregate_id, known in plan.known.items():
+                if known is not None:
+                    current[aggregate_id] = (known.doc, known.version)
+            ids = plan.to_read
+        if ids:
+            current.update(await read(ids))
         changed = fold(projection, current, pending)
         if not changed:
             return written
@@ -184,5 +210,8 @@ async def fold_and_write(
         written += len(changed) - len(conflicts)
         if not conflicts:
             return written
+        if cache is not None and plan is not None:
+            cache.discard(conflicts)
+            plan.must_read |= conflicts
         pending = [item for item in pending if item.aggregate_id in conflicts]
     raise TransientError(f"documents kept changing under {projection.name}; retrying")

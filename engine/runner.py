@@ -411,6 +411,8 @@ class ProjectionRunner:
         with contextlib.suppress(Exception):
             await self._commit(revoked)
         self._decoder.gaps.forget(revoked)
+        for lane in self.lanes:  # documents of partitions that may move: not ours to know
+            lane.forget_cached()
         for tp in revoked:
             self._dispatched.pop(tp, None)
             self._committed.pop(tp, None)

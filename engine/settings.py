@@ -195,6 +195,10 @@ class RunnerSettings(_Section):
     # warning per attempt) before it exits with code 4; 0 waits for ever. A refused
     # login, a missing database or a schema not migrated stop it at once.
     startup_timeout_s: float = Field(default=300.0, ge=0)
+    # Documents each Redis and Elasticsearch store keeps of what it last wrote, so a
+    # batch need not read them back first (engine.stores.cache); about 1 KB each for
+    # the orders projections (20,000: some 20 MB per store). 0 turns the cache off.
+    document_cache_size: int = Field(default=20_000, ge=0, le=10_000_000)
 
 
 class ApiSettings(_Section):

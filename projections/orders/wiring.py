@@ -38,6 +38,7 @@ def build_projections(resources: Resources) -> Sequence[tuple[Projection, Projec
         OrderSearch(),
         OrderStats(),
     )
+    cached = resources.settings.runner.document_cache_size
     return [
         (
             details,
@@ -50,7 +51,15 @@ def build_projections(resources: Resources) -> Sequence[tuple[Projection, Projec
             ),
         ),
         (stats, PostgresSqlStore(resources.pool, stats)),
-        (quick, RedisHashStore(resources.redis, quick, quick_lookup_prefix(resources))),
+        (
+            quick,
+            RedisHashStore(
+                resources.redis,
+                quick,
+                quick_lookup_prefix(resources),
+                cache_documents=cached,
+            ),
+        ),
         (
             search,
             ElasticsearchDocumentStore(
