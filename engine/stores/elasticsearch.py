@@ -15,6 +15,12 @@ if its number is higher, silently dropping the event in between. Compare-and-
 set rejects any write whose base moved, and the fold skips versions at or below
 ``_v``, so the outcome is the same as applying every event once, in order.
 
+The documents a batch starts from come from the store's
+:class:`~engine.stores.cache.DocumentCache` where it knows them, with the
+``_seq_no``/``_primary_term`` the last write answered, and from the ``_mget``
+for the rest; compare-and-set is what makes a stale entry harmless (a 409, a
+read, a second fold). The bulk body is encoded here, once, with orjson.
+
 The projection writes through an alias (``{alias}`` -> ``{alias}-v{n}``) so a
 rebuild can fill a new index and switch the alias atomically.
 
@@ -37,12 +43,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
 from elasticsearch import ApiError, AsyncElasticsearch, BadRequestError, NotFoundError
+from elasticsearch.serializer import OrjsonSerializer
 
 from engine.drivers import elasticsearch_address, elasticsearch_errors
 from engine.errors import PoisonError, TransientError
 from engine.projection import Document, DocumentProjection, Projected, fold_and_write
+from engine.stores.cache import DEFAULT_MAX_DOCUMENTS, Cached, DocumentCache, Plan
 from engine.stores.refresh import refresher
+
+_JSON = OrjsonSerializer()  # the client's own encoding of values orjson lacks (Decimal)
 
 VERSION_FIELD = "_v"
 
@@ -60,6 +71,7 @@ class ElasticsearchDocumentStore:
         settings: Mapping[str, Any] | None = None,
         generation: int = 1,
         refresh_after_write_s: float | None = None,
+        cache_documents: int = DEFAULT_MAX_DOCUMENTS,
     ) -> None:
         self._client = client
         self._projection = projection
@@ -68,6 +80,8 @@ class ElasticsearchDocumentStore:
         self.index = f"{alias}-v{generation}"
         self._mappings = {**mappings}
         self._settings = dict(settings or {"number_of_shards": 1, "number_of_replicas": 0})
+        # Per generation: a new generation's store starts knowing nothing.
+        self.cache = DocumentCache(cache_documents)
         # When writes become searchable: engine.stores.refresh (None: the index's interval).
         self._refresh_after_write_s = refresh_after_write_s
         self._refresher = refresher(client, self.index, refresh_after_write_s)
@@ -81,7 +95,11 @@ class ElasticsearchDocumentStore:
             settings=self._settings,
             generation=generation,
             refresh_after_write_s=self._refresh_after_write_s,
+            cache_documents=self.cache.max_documents,
         )
+
+    def forget_cached(self) -> None:
+        self.cache.clear()
 
     async def setup(self) -> None:
         """Create this generation's index; point the alias at it if the alias does not exist."""
@@ -159,6 +177,7 @@ class ElasticsearchDocumentStore:
 
     async def _apply(self, items: Sequence[Projected]) -> int:
         stamps: dict[str, tuple[str, int, int]] = {}
+        plan = Plan()
 
         async def read(ids: Sequence[str]) -> dict[str, tuple[Document | None, int]]:
             current, fresh = await self._read(ids)
@@ -166,9 +185,14 @@ class ElasticsearchDocumentStore:
             return current
 
         async def write(changed: dict[str, tuple[Document, int]], _current: object) -> set[str]:
+            for aggregate_id, known in plan.known.items():
+                if known is not None:
+                    stamps[aggregate_id] = known.stamp
             return await self._write(changed, stamps)
 
-        return await fold_and_write(self._projection, items, read, write)
+        return await fold_and_write(
+            self._projection, items, read, write, cache=self.cache, plan=plan
+        )
 
     async def _read(
         self, ids: Sequence[str]
@@ -182,14 +206,18 @@ class ElasticsearchDocumentStore:
         for doc in found["docs"]:
             if doc.get("found"):
                 source = dict(doc["_source"])
-                current[doc["_id"]] = (source, int(source.pop(VERSION_FIELD, 0)))
-                stamps[doc["_id"]] = (doc["_index"], doc["_seq_no"], doc["_primary_term"])
+                version = int(source.pop(VERSION_FIELD, 0))
+                stamp = (doc["_index"], doc["_seq_no"], doc["_primary_term"])
+                current[doc["_id"]] = (source, version)
+                stamps[doc["_id"]] = stamp
+                self.cache.put(doc["_id"], Cached(source, version, stamp))
         return current, stamps
 
     async def _write(
         self, changed: dict[str, tuple[Document, int]], stamps: dict[str, tuple[str, int, int]]
     ) -> set[str]:
-        operations: list[dict[str, Any]] = []
+        lines: list[bytes] = []
+        sources: dict[str, tuple[bytes, int]] = {}
         for doc_id, (doc, version) in changed.items():
             if doc_id in stamps:
                 index, seq_no, term = stamps[doc_id]
@@ -203,8 +231,12 @@ class ElasticsearchDocumentStore:
                 }
             else:
                 action = {"create": {"_index": self.index, "_id": doc_id}}
-            operations += [action, {**doc, VERSION_FIELD: version}]
-        response = await self._client.bulk(operations=operations)
+            source = _JSON.dumps({**doc, VERSION_FIELD: version})
+            sources[doc_id] = (source, version)
+            lines += [orjson.dumps(action), source]
+        # Encoded already: the client's ndjson serializer passes bytes through as they are.
+        body = b"\n".join(lines) + b"\n"
+        response = await self._client.bulk(operations=body)  # type: ignore[arg-type]
         self._refresher.written()
         conflicts: set[str] = set()
         for entry in response["items"]:
@@ -216,6 +248,13 @@ class ElasticsearchDocumentStore:
                 raise TransientError(f"Elasticsearch refused a write ({status}): {result}")
             elif status >= 400:
                 raise PoisonError(f"Elasticsearch rejected document {result['_id']}: {result}")
+            else:
+                source, version = sources[result["_id"]]
+                # What a read would give back: the source as stored, with the new stamp.
+                stored = orjson.loads(source)
+                del stored[VERSION_FIELD]
+                stamp = (result["_index"], result["_seq_no"], result["_primary_term"])
+                self.cache.put(result["_id"], Cached(stored, version, stamp))
         return conflicts
 
     async def close(self) -> None:
