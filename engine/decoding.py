@@ -59,38 +59,49 @@ class Decoder:
 
     def decode(self, records: Records, *, check_gaps: bool = False) -> Decoded:
         decoded = Decoded()
+        check_gaps = check_gaps and self._settings.gap_memory_aggregates > 0
+        append = decoded.batch.append
         for tp, messages in records.items():
             for message in messages:
-                delivery = Delivery(
-                    tp, message.offset, message.key, message.value, list(message.headers), None
-                )
                 try:
                     envelope = codec.decode(message.value)
                     event = self._registry.decode(envelope)
-                    if check_gaps and self._settings.gap_memory_aggregates:
+                    if check_gaps:
                         self._check_gap(tp, envelope.aggregate_id, envelope.aggregate_version)
                 except Exception as exc:
-                    if not isinstance(exc, PoisonError):
-                        exc = EventDecodeError(f"{type(exc).__name__}: {exc}")
-                    log.error("dead-lettering offset %s of %s: %s", message.offset, tp, exc)
-                    letter = dead_letter(delivery, ALL_PROJECTIONS, exc, attempts=1)
-                    if check_gaps and letter.aggregate_id and letter.aggregate_version:
-                        # An event in sequence that does not decode is no gap after it.
-                        self.gaps.note_if_next(tp, letter.aggregate_id, letter.aggregate_version)
-                    decoded.poison.append(letter)
-                    decoded.batch.append(delivery)
+                    append(self._poison(decoded, tp, message, exc, check_gaps))
                     continue
-                decoded.batch.append(
+                # The record's headers are shared, not copied: nothing changes them.
+                append(
                     Delivery(
                         tp,
                         message.offset,
                         message.key,
                         message.value,
-                        delivery.headers,
+                        message.headers,
                         Projected(envelope, event),
                     )
                 )
         return decoded
+
+    def _poison(
+        self,
+        decoded: Decoded,
+        tp: TopicPartition,
+        message: ConsumerRecord[bytes, bytes],
+        exc: Exception,
+        check_gaps: bool,
+    ) -> Delivery:
+        if not isinstance(exc, PoisonError):
+            exc = EventDecodeError(f"{type(exc).__name__}: {exc}")
+        log.error("dead-lettering offset %s of %s: %s", message.offset, tp, exc)
+        delivery = Delivery(tp, message.offset, message.key, message.value, message.headers, None)
+        letter = dead_letter(delivery, ALL_PROJECTIONS, exc, attempts=1)
+        if check_gaps and letter.aggregate_id and letter.aggregate_version:
+            # An event in sequence that does not decode is no gap after it.
+            self.gaps.note_if_next(tp, letter.aggregate_id, letter.aggregate_version)
+        decoded.poison.append(letter)
+        return delivery
 
     def _check_gap(self, tp: TopicPartition, aggregate_id: str, version: int) -> None:
         expected = self.gaps.check(tp, aggregate_id, version)

@@ -77,7 +77,9 @@ class EventRegistry:
     def decode(self, envelope: EventEnvelope) -> DomainEvent:
         """The envelope's payload as its current model; poison if it cannot be."""
         model = self.model_for(envelope.event_type)
-        payload = self.upcast(envelope.event_type, envelope.schema_version, envelope.payload)
+        payload = envelope.payload
+        if envelope.schema_version != model.schema_version:  # the common case needs no upcast
+            payload = self.upcast(envelope.event_type, envelope.schema_version, payload)
         try:
             return model.model_validate(payload)
         except ValidationError as exc:
