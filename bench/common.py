@@ -264,8 +264,15 @@ async def start_engine(
     *,
     prefix: Sequence[str] = (),
     extra_env: dict[str, str] | None = None,
+    workers: int = 1,
 ) -> EngineProcess:
-    """Start ``python -m engine ARGS`` (behind ``prefix``, e.g. a profiler) for ``env``."""
+    """Start ``python -m engine ARGS`` (behind ``prefix``, e.g. a profiler) for ``env``.
+
+    ``workers`` is ``engine run``'s process count (ENGINE_RUNNER__WORKERS), 1 by
+    default whatever the machine's cores: a figure must say how many it used.
+    With more than one, the process started is the supervisor: its RSS, its CPU
+    and a ``prefix`` profiler are not the workers' (they are its children).
+    """
     log_path = _log_file(logs, f"{env.label}-{name}.log")
     command = (
         [*prefix, "-m", "engine", *args] if prefix else [sys.executable, "-m", "engine", *args]
@@ -273,7 +280,13 @@ async def start_engine(
     with log_path.open("ab") as log:
         process = await asyncio.create_subprocess_exec(
             *command,
-            env={**os.environ, **env.env(), **(extra_env or {}), "COLUMNS": "200"},
+            env={
+                **os.environ,
+                **env.env(),
+                "ENGINE_RUNNER__WORKERS": str(workers),
+                **(extra_env or {}),
+                "COLUMNS": "200",
+            },
             stdout=log,
             stderr=log,
             stdin=asyncio.subprocess.DEVNULL,

@@ -199,6 +199,19 @@ class RunnerSettings(_Section):
     # batch need not read them back first (engine.stores.cache); about 1 KB each for
     # the orders projections (20,000: some 20 MB per store). 0 turns the cache off.
     document_cache_size: int = Field(default=20_000, ge=0, le=10_000_000)
+    workers: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description=(
+            "Consumer processes `engine run` starts in the one consumer group, under a"
+            " supervisor that restarts any that dies (engine/supervisor.py). 0 (the default)"
+            " means one per core (os.cpu_count()), at most one per partition"
+            " (kafka.partitions): a worker with no partition only holds connections."
+            " 1 runs the daemon in the `engine run` process itself, with no supervisor. A"
+            " number set is taken as it is. The `--workers` option of `engine run` wins."
+        ),
+    )
 
 
 class ApiSettings(_Section):

@@ -161,6 +161,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "ENGINE_KAFKA__PARTITIONS": str(settings.kafka.partitions),
         "ENGINE_RUNNER__GROUP_ID": settings.runner.group_id,
         "ENGINE_RUNNER__MAX_LATENCY_MS": str(settings.runner.max_latency_ms),
+        # One process whatever the machine's cores: tests signal the daemon's own pid.
+        "ENGINE_RUNNER__WORKERS": "1",
         "ENGINE_REDIS__KEY_PREFIX": settings.redis.key_prefix,
         "ENGINE_ELASTICSEARCH__INDEX_PREFIX": settings.elasticsearch.index_prefix,
     }

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from contextlib import AsyncExitStack
 from typing import Annotated
 
 import typer
 
 from engine.application import Application, load_application
-from engine.cli.app import app, load_settings, run_reporting_errors
+from engine.cli.app import ExitCode, app, err_console, load_settings, run_reporting_errors
 from engine.cli.logs import configure
 from engine.daemon import build_runner
 from engine.drivers import kafka_address, postgres_address
@@ -18,6 +19,13 @@ from engine.resources import Resources, open_resources
 from engine.retry import Backoff
 from engine.settings import Settings, env_var
 from engine.startup import StartupStopped, StartupWait, StopSignals, check_postgres, login_errors
+from engine.supervisor import (
+    STOP_MARGIN_S,
+    Supervisor,
+    follow_supervisor,
+    worker_command,
+    worker_count,
+)
 from engine.topics import ensure_topic
 
 log = logging.getLogger("engine.run")
@@ -66,15 +74,68 @@ async def _start(
     return await startup.until_available(open_all, "PostgreSQL", postgres)
 
 
+async def _supervise(settings: Settings, workers: int, log_level: str, signals: StopSignals) -> int:
+    stop = signals.event()
+    log.info(
+        "starting %d workers in consumer group %s (supervisor pid %d)",
+        workers,
+        settings.runner.group_id,
+        os.getpid(),
+    )
+    supervisor = Supervisor(
+        worker_command(log_level, os.getpid()),
+        workers,
+        stop_timeout_s=settings.runner.shutdown_timeout_s + STOP_MARGIN_S,
+        # Each worker would hit these again: stop, and exit with the worker's code.
+        fatal_codes=(ExitCode.USAGE, ExitCode.CONFIGURATION, ExitCode.UNAVAILABLE),
+    )
+    return await supervisor.run(stop)
+
+
+def _workers(settings: Settings, requested: int | None, until_caught_up: bool) -> int:
+    """How many processes this ``engine run`` is: the option, else the setting (0: per core)."""
+    count = worker_count(
+        settings.runner.workers if requested is None else requested,
+        settings.kafka.partitions,
+        os.cpu_count(),
+    )
+    if until_caught_up and count > 1:
+        # Burst mode is one daemon's judgement of its own partitions: see engine.supervisor.
+        if requested:
+            err_console().print(
+                "[red]error:[/red] --until-caught-up runs one process: drop --workers"
+                " or pass --workers 1",
+                highlight=False,
+            )
+            raise typer.Exit(ExitCode.USAGE)
+        return 1
+    return count
+
+
 @app.command()
 def run(
     until_caught_up: Annotated[
         bool,
-        typer.Option("--until-caught-up", help="Apply what is in Kafka now, then exit."),
+        typer.Option(
+            "--until-caught-up",
+            help="Apply what is in Kafka now, then exit (always one process).",
+        ),
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=0,
+            help="Consumer processes in the group, under one supervisor. Default:"
+            " ENGINE_RUNNER__WORKERS; 0 means one per core, at most one per partition;"
+            " 1 runs the daemon in this process.",
+            show_default=False,
+        ),
+    ] = None,
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
+    supervisor_pid: Annotated[int | None, typer.Option("--supervisor-pid", hidden=True)] = None,
 ) -> None:
     """Run the projection daemon: consume events and apply them to every projection.
 
@@ -83,8 +144,20 @@ def run(
     At start-up it waits for PostgreSQL and Kafka, at most
     ENGINE_RUNNER__STARTUP_TIMEOUT_S (then exits with code 4); a stop meanwhile
     ends it cleanly.
+
+    With more than one worker, this process supervises: it starts the workers
+    (each an `engine run --workers 1`), restarts one that dies, forwards
+    SIGTERM/SIGINT to them all and exits 0 once they all stopped cleanly; a
+    worker that exits 2, 3 or 4 stops them all and the supervisor exits with
+    that code.
     """
     signals = StopSignals()  # first: a stop sent while starting must not kill the daemon
     configure(log_level)
+    if supervisor_pid is not None:  # a worker: stop (cleanly) when the supervisor dies
+        follow_supervisor(supervisor_pid)
     settings = load_settings()
+    count = _workers(settings, workers, until_caught_up)
+    if count > 1:
+        code = asyncio.run(_supervise(settings, count, log_level, signals))
+        raise typer.Exit(code)
     run_reporting_errors(lambda: asyncio.run(_run(settings, until_caught_up, signals)))

@@ -6,6 +6,11 @@ supervises: a child that dies takes the tree down with a non-zero exit (a
 process manager restarts it); SIGTERM or Ctrl-C stops the children in order
 (API first, so no command is accepted while the rest shuts down) and waits,
 bounded, for each to finish.
+
+The daemon child is a plain ``engine run``, so it honours
+``ENGINE_RUNNER__WORKERS`` like one started by hand: one per core by default,
+its own supervisor restarting a worker that dies (:mod:`engine.supervisor`).
+``up`` only sees that supervisor exit.
 """
 
 from __future__ import annotations
@@ -210,6 +215,9 @@ def up(
     ] = "warning",
 ) -> None:
     """Run the whole engine: migrate, then the outbox relay, the projection daemon and the API.
+
+    The daemon runs ENGINE_RUNNER__WORKERS consumer processes (default: one per
+    core) under its own supervisor, as `engine run` does.
 
     With --demo, also loads the demo sample, waits until it is projected and
     prints the URLs and example queries. Runs until SIGTERM/Ctrl-C; exits 1 if
