@@ -128,11 +128,12 @@ async def _daemons(pool: asyncpg.Pool) -> dict[int, set[int]]:
     return held
 
 
-async def _stable_group(settings: Settings, members: int) -> None:
+async def _stable_group(settings: Settings, members: int) -> set[str]:
     """The group is stable with ``members`` consumers, each assigned partitions, all assigned.
 
     Events written after this reach workers that keep their partitions, so each
     worker's lanes see events of their own (what ``engine_lane_states`` shows).
+    Returns the members' ids (a consumer keeps its id across rebalances).
     """
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
     await admin.start()
@@ -154,6 +155,7 @@ async def _stable_group(settings: Settings, members: int) -> None:
     ]
     assert len(held) == members and all(held), held
     assert set().union(*held) == set(range(settings.kafka.partitions)), held
+    return {member["member_id"] for member in group["members"]}
 
 
 async def _write(bus: CommandBus, settings: Settings, orders: int, seed: int) -> None:
@@ -219,6 +221,8 @@ async def test_a_killed_worker_is_restarted_and_applies_what_comes_after(
     settings = settings_for_test
     async with _supervisor(tmp_path, _env(settings)) as supervisor:
         workers = await supervisor.two_workers()
+        await eventually(lambda: _stable_group(settings, members=2), timeout_s=60)
+        before = await _stable_group(settings, members=2)
         await _write(bus, settings, orders=4, seed=62)
         await eventually(lambda: _caught_up(settings, resources), timeout_s=60)
 
@@ -234,8 +238,12 @@ async def test_a_killed_worker_is_restarted_and_applies_what_comes_after(
         assert f"(pid {victim}) killed by SIGKILL" in supervisor.output()
         assert "(restart 1)" in supervisor.output()
 
-        # The killed worker leaves the group after its session times out (6 s).
-        await eventually(lambda: _stable_group(settings, members=2), timeout_s=60)
+        async def victim_replaced_in_the_group() -> None:
+            # The killed worker stays a member until its session times out (6 s).
+            now = await _stable_group(settings, members=2)
+            assert len(now & before) == 1, (now, before)  # the survivor and a newcomer
+
+        await eventually(victim_replaced_in_the_group, timeout_s=60)
         await _write(bus, settings, orders=12, seed=63)
         survivors = supervisor.workers()
         await eventually(lambda: _caught_up(settings, resources), timeout_s=60)
