@@ -48,7 +48,9 @@ def decode(value: bytes | None) -> EventEnvelope:
     if value is None:
         raise EventDecodeError("message has no value")
     try:
-        envelope = EventEnvelope.model_validate_json(value)
+        # The model's validator itself: model_validate_json is this call behind
+        # a Python wrapper that costs a few percent of decoding an event.
+        envelope: EventEnvelope = EventEnvelope.__pydantic_validator__.validate_json(value)
     except ValidationError as exc:
         raise EventDecodeError(f"message is not an event envelope: {exc}") from exc
     if envelope.occurred_at.utcoffset() is None:

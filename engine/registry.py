@@ -81,7 +81,9 @@ class EventRegistry:
         if envelope.schema_version != model.schema_version:  # the common case needs no upcast
             payload = self.upcast(envelope.event_type, envelope.schema_version, payload)
         try:
-            return model.model_validate(payload)
+            # model_validate without its Python wrapper (this runs for every event).
+            event: DomainEvent = model.__pydantic_validator__.validate_python(payload)
+            return event
         except ValidationError as exc:
             raise EventDecodeError(
                 f"{envelope.event_type} v{envelope.schema_version} "
