@@ -38,6 +38,22 @@ class Batch(list[Delivery]):
     def progress(self) -> list[PartitionProgress]:
         return progress_of(self)
 
+    @classmethod
+    def joined(cls, batches: Sequence[Batch]) -> Batch:
+        """Consecutive batches as one (a lane catching up applies them together).
+
+        The progress is combined from each batch's own, which every lane shares,
+        instead of being computed again over every delivery.
+        """
+        joined = cls(delivery for batch in batches for delivery in batch)
+        progress: dict[tuple[str, int], PartitionProgress] = {}
+        for batch in batches:
+            for p in batch.progress:
+                seen = progress.get((p.topic, p.partition))
+                progress[(p.topic, p.partition)] = p if seen is None else later_progress(seen, p)
+        joined.__dict__["progress"] = list(progress.values())
+        return joined
+
 
 def aggregate_of(delivery: Delivery) -> tuple[str | None, int | None]:
     """The aggregate id and version of a message, as far as it tells them.

@@ -158,12 +158,21 @@ class Lane:
                     continue
             else:
                 batch = await self.queue.get()
+            batches = [batch]
+            # Behind (more batches waiting): apply them together, so the per-apply
+            # round trips (fence, transaction, progress) are paid once for all of them.
+            # When the lane keeps up, the queue is empty here and nothing waits longer.
+            events = len(batch)
+            while events < self._settings.max_apply_events and not self.queue.empty():
+                batches.append(self.queue.get_nowait())
+                events += len(batches[-1])
             self.busy = True
             try:
-                await self.process(batch)
+                await self.process(batch if len(batches) == 1 else Batch.joined(batches))
             finally:
                 self.busy = False
-                self.queue.task_done()
+                for _ in batches:
+                    self.queue.task_done()
 
     async def _setup(self) -> None:
         """Create the store's tables or index; a store that is down is waited for, alone.

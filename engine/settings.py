@@ -180,6 +180,9 @@ class RunnerSettings(_Section):
     # switched generations meanwhile); past it, the lane waits for Postgres too.
     unconfirmed_max_events: int = Field(default=20_000, ge=0, le=1_000_000)
     backoff_initial_s: float = Field(default=0.2, gt=0)
+    # A lane that fell behind applies the batches waiting in its queue as one, up to
+    # this many events: one fence, transaction and progress record for all of them.
+    max_apply_events: int = Field(default=5_000, ge=1, le=100_000)
     backoff_max_s: float = Field(default=10.0, gt=0)
     shutdown_timeout_s: float = Field(default=20.0, gt=0)
     # How long the group waits for a daemon that stopped heartbeating (killed, frozen)
