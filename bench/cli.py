@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import typer
 
 from bench.common import say
-from bench.lag import LagConfig, run_lag
+from bench.lag import LagConfig, run_lag, sustained
 from bench.machine import load_average, machine_info
 from bench.queries import QueriesConfig, run_queries
 from bench.rebuild import RebuildConfig, run_rebuild
@@ -83,19 +83,20 @@ def _notes(sizes: Sizes, quick: bool) -> list[str]:
 
 
 def overload_notes(benchmarks: dict[str, Any]) -> list[str]:
-    """Say so when the lag run could not send at the rate asked: its lags describe overload."""
+    """Say so when the lag run did not sustain the rate asked: its lags describe overload."""
     lag = benchmarks.get("lag")
     if lag is None:
         return []
     commands = lag["commands"]
-    if commands["achieved_per_s"] >= 0.9 * lag["rate"]:
+    if sustained(lag["rate"], commands):
         return []
     return [
         f"lag: this machine could not sustain {lag['rate']:g} commands/s through the API "
         f"(achieved {commands['achieved_per_s']:.0f}/s, {commands['skipped_over_in_flight_cap']:,}"
         f" commands skipped at the in-flight cap, command latency p50 "
-        f"{commands['latency_ms']['p50']:.0f} ms): its lag figures are those of an overloaded "
-        "system; run --only lag --rate N with a lower N for the lag at a sustainable rate"
+        f"{commands['latency_ms']['p50']:.0f} ms, p99 {commands['latency_ms']['p99']:.0f} ms): "
+        "its lag figures are those of an overloaded system; run --only lag --rate N with a "
+        "lower N for the lag at a sustainable rate"
     ]
 
 

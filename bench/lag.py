@@ -33,6 +33,7 @@ from bench.common import (
     start_engine,
 )
 from bench.http import HttpError, HttpPool
+from bench.report import describe_refresh
 from bench.stats import rate, summarize, windows
 from bench.visibility import STORES, Event, Pollers, Tracker
 from engine import Command, CommandBus, DemoSize, Resources, Settings, open_resources
@@ -193,6 +194,7 @@ async def run_lag(base: Settings, config: LagConfig, out: Path) -> dict[str, Any
         finally:
             for process in processes.values():
                 await process.stop()
+        result["search_refresh"] = search_refresh(env.settings)
         result["peak_rss_mb"] = {name: mb(p.peak_rss) for name, p in processes.items()}
         result["cpu_s"] = {name: round(p.cpu_s, 2) for name, p in processes.items()}
         result["daemon_peak_rss_mb"] = result["peak_rss_mb"]["daemon"]
@@ -261,6 +263,29 @@ async def _measure(
     return _figures(config, commands, tracker, pollers.polls)
 
 
+def sustained(rate: float, commands: dict[str, Any]) -> bool:
+    """Whether the API kept up with ``rate``: the lags then describe that rate, not a queue.
+
+    Kept up: at least 90% of the rate achieved, no command skipped at the
+    in-flight cap, and command latency p99 under a second (an API falling
+    behind shows as queueing long before the cap is reached).
+    """
+    return bool(
+        commands["achieved_per_s"] >= 0.9 * rate
+        and commands["skipped_over_in_flight_cap"] == 0
+        and commands["latency_ms"]["p99"] < 1000
+    )
+
+
+def search_refresh(settings: Settings) -> dict[str, Any]:
+    """The search index's refresh policy the daemon ran with (engine.stores.refresh)."""
+    search = settings.elasticsearch
+    policy: dict[str, Any] = {"policy": search.refresh, "refresh_interval": search.refresh_interval}
+    if search.refresh == "after_write":
+        policy["min_gap_ms"] = search.refresh_min_gap_ms
+    return policy
+
+
 def _figures(
     config: LagConfig, commands: dict[str, Any], tracker: Tracker, polls: dict[str, int]
 ) -> dict[str, Any]:
@@ -285,6 +310,7 @@ def _figures(
         "rate": config.rate,
         "duration_s": config.duration_s,
         "commands": commands,
+        "sustained": sustained(config.rate, commands),
         "events": len(events),
         "lag_ms": {store: visible[store] for store in STORES},
         "applied_lag_ms": {p: visible[p] for p in tracker.projections},
@@ -310,4 +336,8 @@ def _print(result: dict[str, Any]) -> None:
             f"  {store:>13} lag ms: p50 {figures['p50']}, p95 {figures['p95']}, "
             f"p99 {figures['p99']}, max {figures['max']} (not visible: {figures['not_visible']})"
         )
+    say(
+        f"  rate {'sustained' if result['sustained'] else 'NOT sustained'}; search refresh "
+        f"{describe_refresh(result['search_refresh'])}"
+    )
     say(f"  daemon peak RSS {result['daemon_peak_rss_mb']} MB")

@@ -53,7 +53,7 @@ class Refresher(Protocol):
         """A bulk was written to the index (call after its answer)."""
 
     async def close(self) -> None:
-        """Stop: a refresh in flight is cancelled (the index's own interval covers it)."""
+        """Stop, after the refresh owed to the last writes if it comes soon (bounded)."""
 
 
 class IntervalRefresh:
@@ -73,10 +73,18 @@ class CoalescingRefresher:
     writes made while one waits or runs are covered by the next (module doc).
     """
 
-    def __init__(self, client: AsyncElasticsearch, index: str, min_gap_s: float) -> None:
+    def __init__(
+        self,
+        client: AsyncElasticsearch,
+        index: str,
+        min_gap_s: float,
+        *,
+        close_timeout_s: float = 5.0,
+    ) -> None:
         self._client = client
         self._index = index
         self._min_gap_s = min_gap_s
+        self._close_timeout_s = close_timeout_s
         self._pending = False
         self._last_start = -min_gap_s
         self._task: asyncio.Task[None] | None = None
@@ -113,7 +121,13 @@ class CoalescingRefresher:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None and not task.done():
+        if task is None or task.done():
+            return
+        # A daemon that stops (or a burst that caught up) leaves its last writes
+        # searchable if the refresh owed to them answers within the bound; past
+        # it, the index's own interval makes them so.
+        await asyncio.wait([task], timeout=self._close_timeout_s)
+        if not task.done():
             task.cancel()
             # wait() neither raises the task's CancelledError nor swallows our own.
             await asyncio.wait([task])

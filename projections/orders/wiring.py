@@ -72,6 +72,7 @@ def build_projections(resources: Resources) -> Sequence[tuple[Projection, Projec
                     "number_of_replicas": 0,
                     "refresh_interval": resources.settings.elasticsearch.refresh_interval,
                 },
+                refresh_after_write_s=resources.settings.elasticsearch.refresh_after_write_s(),
             ),
         ),
     ]

@@ -43,3 +43,20 @@ def test_password_is_quoted_in_the_dsn_and_hidden_in_repr(monkeypatch: pytest.Mo
 def test_env_var_names_the_variable_to_set() -> None:
     assert env_var("postgres", "port") == "ENGINE_POSTGRES__PORT"
     assert env_var("stack", "data_dir") == "ENGINE_STACK__DATA_DIR"
+
+
+def test_search_refresh_policy_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().elasticsearch.refresh_after_write_s() == 0.1  # the default, after_write
+    monkeypatch.setenv("ENGINE_ELASTICSEARCH__REFRESH", "interval")
+    monkeypatch.setenv("ENGINE_ELASTICSEARCH__REFRESH_INTERVAL", "250ms")
+    search = Settings().elasticsearch
+    assert (search.refresh, search.refresh_interval) == ("interval", "250ms")
+    assert search.refresh_after_write_s() is None
+    monkeypatch.setenv("ENGINE_ELASTICSEARCH__REFRESH", "after_write")
+    monkeypatch.setenv("ENGINE_ELASTICSEARCH__REFRESH_MIN_GAP_MS", "40")
+    assert Settings().elasticsearch.refresh_after_write_s() == 0.04
+    for name, bad in (("REFRESH", "wait_for"), ("REFRESH_MIN_GAP_MS", "-1")):
+        monkeypatch.setenv(f"ENGINE_ELASTICSEARCH__{name}", bad)
+        with pytest.raises(ValidationError, match=name.lower()):
+            Settings()
+        monkeypatch.delenv(f"ENGINE_ELASTICSEARCH__{name}")
