@@ -180,6 +180,9 @@ class RunnerSettings(_Section):
     max_latency_ms: int = Field(default=100, ge=1, le=60_000)
     # Batches a projection may fall behind before it is detached and catches up alone.
     lane_queue_batches: int = Field(default=20, ge=1, le=10_000)
+    # A lane that fell behind applies the batches waiting in its queue as one, up to
+    # this many events: one fence, transaction and progress record for all of them.
+    max_apply_events: int = Field(default=5_000, ge=1, le=100_000)
     # A lane whose queue stays full this long (slow, not failing) is detached too.
     slow_lane_timeout_s: float = Field(default=30.0, gt=0)
     # A lane whose store has not answered one call for this long (hung, not busy) is
@@ -195,10 +198,11 @@ class RunnerSettings(_Section):
     # unconfirmed, up to this many events (kept in memory to apply again if a rebuild
     # switched generations meanwhile); past it, the lane waits for Postgres too.
     unconfirmed_max_events: int = Field(default=20_000, ge=0, le=1_000_000)
+    # Documents each Redis and Elasticsearch store keeps of what it last wrote, so a
+    # batch need not read them back first (engine.stores.cache); about 1 KB each for
+    # the orders projections (20,000: some 20 MB per store). 0 turns the cache off.
+    document_cache_size: int = Field(default=20_000, ge=0, le=10_000_000)
     backoff_initial_s: float = Field(default=0.2, gt=0)
-    # A lane that fell behind applies the batches waiting in its queue as one, up to
-    # this many events: one fence, transaction and progress record for all of them.
-    max_apply_events: int = Field(default=5_000, ge=1, le=100_000)
     backoff_max_s: float = Field(default=10.0, gt=0)
     shutdown_timeout_s: float = Field(default=20.0, gt=0)
     # How long the group waits for a daemon that stopped heartbeating (killed, frozen)
@@ -214,10 +218,6 @@ class RunnerSettings(_Section):
     # warning per attempt) before it exits with code 4; 0 waits for ever. A refused
     # login, a missing database or a schema not migrated stop it at once.
     startup_timeout_s: float = Field(default=300.0, ge=0)
-    # Documents each Redis and Elasticsearch store keeps of what it last wrote, so a
-    # batch need not read them back first (engine.stores.cache); about 1 KB each for
-    # the orders projections (20,000: some 20 MB per store). 0 turns the cache off.
-    document_cache_size: int = Field(default=20_000, ge=0, le=10_000_000)
     workers: int = Field(
         default=0,
         ge=0,

@@ -73,6 +73,7 @@ def build_projections(resources: Resources) -> Sequence[tuple[Projection, Projec
                     "refresh_interval": resources.settings.elasticsearch.refresh_interval,
                 },
                 refresh_after_write_s=resources.settings.elasticsearch.refresh_after_write_s(),
+                cache_documents=cached,
             ),
         ),
     ]
