@@ -40,6 +40,8 @@ class Sizes:
 
     events: int = 200_000
     baseline_events: int = 2_000
+    # Throughput again with `engine run --workers N` for each N, next to one process.
+    workers: tuple[int, ...] = (2,)
     rate: float = 500.0
     duration: float = 30.0
     relay_events: int = 50_000
@@ -117,7 +119,11 @@ async def _run(
     }
     steps: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
         "throughput": lambda: run_throughput(
-            settings, ThroughputConfig(sizes.events, sizes.baseline_events, profile), folder
+            settings,
+            ThroughputConfig(
+                sizes.events, sizes.baseline_events, profile, more_workers=sizes.workers
+            ),
+            folder,
         ),
         "lag": lambda: run_lag(settings, LagConfig(sizes.rate, sizes.duration), folder),
         "relay": lambda: run_relay(
@@ -160,6 +166,14 @@ def main(  # noqa: PLR0917 - one option per size, as the issue asks
     ] = None,
     baseline_events: Annotated[
         int | None, typer.Option(min=1, help="Throughput: events for the naive baseline [2,000].")
+    ] = None,
+    workers: Annotated[
+        list[int] | None,
+        typer.Option(
+            min=1,
+            help="Throughput: also run `engine run --workers N` for this N (repeatable) [2];"
+            " --workers 1 runs only the one-process daemon.",
+        ),
     ] = None,
     rate: Annotated[
         float | None, typer.Option(min=0.1, help="Lag: commands per second [500].")
@@ -220,6 +234,8 @@ def main(  # noqa: PLR0917 - one option per size, as the issue asks
         "query_concurrency": query_concurrency,
         "rebuild_events": rebuild_events,
     }
+    if workers is not None:
+        given["workers"] = tuple(sorted({n for n in workers if n > 1}))
     sizes = dataclasses.replace(
         QUICK if quick else Sizes(), **{k: v for k, v in given.items() if v is not None}
     )

@@ -179,6 +179,15 @@ def rss_bytes(pid: int) -> tuple[int, int]:
     return _proc_status_kb(pid, "VmRSS") * 1024, _proc_status_kb(pid, "VmHWM") * 1024
 
 
+def children_of(pid: int) -> list[int]:
+    """The child processes of ``pid`` (``engine run --workers N``'s workers), from /proc."""
+    try:
+        found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(child) for child in found]
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a live process has used so far (0 when unknown)."""
     try:
@@ -210,6 +219,10 @@ class EngineProcess:
     peak_rss: int = 0
     cpu_s: float = 0.0
     samples: list[tuple[float, int]] = field(default_factory=list)
+    # Under a supervisor (workers > 1): the largest peak of any one worker, and each
+    # worker's CPU seconds by pid (a restarted worker is another pid).
+    peak_worker_rss: int = 0
+    worker_cpu_s: dict[int, float] = field(default_factory=dict)
     _sampler: asyncio.Task[None] | None = None
 
     @property
@@ -223,6 +236,9 @@ class EngineProcess:
         self.peak_rss = max(self.peak_rss, rss, hwm)
         self.cpu_s = max(self.cpu_s, cpu_seconds(self.pid))
         self.samples.append((time.monotonic(), rss))
+        for child in children_of(self.pid):
+            self.peak_worker_rss = max(self.peak_worker_rss, *rss_bytes(child))
+            self.worker_cpu_s[child] = max(self.worker_cpu_s.get(child, 0.0), cpu_seconds(child))
 
     async def _sample_forever(self, every_s: float) -> None:
         while self.process.returncode is None:

@@ -48,17 +48,20 @@ class ThroughputConfig:
     baseline_events: int
     profile: bool = False
     seed: int = 7
+    # Also run `engine run --workers N` for each N here, on a topic of its own with
+    # the same events, next to the one-process run (0 or empty: skip).
+    more_workers: tuple[int, ...] = (2,)
 
 
 async def run_throughput(base: Settings, config: ThroughputConfig, out: Path) -> dict[str, Any]:
+    stream = EventStream(config.events, config.seed)
     async with isolated(base, "throughput") as env, open_resources(env.settings) as resources:
         say(f"throughput: generating and producing {config.events:,} events")
-        stream = EventStream(config.events, config.seed)
         started = time.perf_counter()
         produced = await produce(env.settings.kafka, stream)
         load_s = time.perf_counter() - started
-        say(f"  produced in {load_s:.1f}s; running the daemon (engine run)")
-        engine = await _engine(env, resources, produced, out, config.profile)
+        say(f"  produced in {load_s:.1f}s; running the daemon (engine run --workers 1)")
+        engine = await _engine(env, resources, produced, out, config.profile, workers=1)
         engine["verified"] = await verify(resources, len(stream.order_ids))
         say(f"  engine: {engine['events_per_s']:,.0f} events/s; measuring the ceiling")
         batch = env.settings.runner.batch_size
@@ -72,6 +75,9 @@ async def run_throughput(base: Settings, config: ThroughputConfig, out: Path) ->
         baseline["events_per_s"] = stream_rate(
             baseline, produced.count, produced.count - stream.prefix
         )
+    workers: dict[int, dict[str, Any]] = {}
+    for n in config.more_workers:
+        workers[n] = await _with_workers(base, stream, n, out)
     result = _summary(
         config=config,
         stream=stream,
@@ -79,9 +85,21 @@ async def run_throughput(base: Settings, config: ThroughputConfig, out: Path) ->
         engine=engine,
         ceiling=ceiling,
         baseline=baseline,
+        workers=workers,
     )
     _print(result)
     return result
+
+
+async def _with_workers(base: Settings, stream: EventStream, n: int, out: Path) -> dict[str, Any]:
+    """The same events projected by ``engine run --workers n``, in a fresh namespace."""
+    async with isolated(base, f"throughput-{n}w") as env, open_resources(env.settings) as resources:
+        say(f"  {n} workers: producing the same {stream.total:,} events to a topic of their own")
+        produced = await produce(env.settings.kafka, stream)
+        engine = await _engine(env, resources, produced, out, False, workers=n)
+        engine["verified"] = await verify(resources, len(stream.order_ids))
+        say(f"  engine, {n} workers: {engine['events_per_s']:,.0f} events/s")
+        return engine
 
 
 def _summary(
@@ -92,6 +110,7 @@ def _summary(
     engine: dict[str, Any],
     ceiling: dict[str, Any],
     baseline: dict[str, Any],
+    workers: dict[int, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     bounds = {
         "kafka_consume": ceiling["kafka_consume_per_s"],
@@ -106,6 +125,18 @@ def _summary(
     # one after the other bound a pipeline that writes all of them.
     store_seconds = sum(ceiling["seconds"][s] for s in ("postgres", "redis", "elasticsearch"))
     ceiling["all_stores_in_sequence_per_s"] = rate(stream.total, store_seconds)
+    in_sequence = ceiling["all_stores_in_sequence_per_s"]
+    by_workers = {
+        str(n): {
+            "engine": run,
+            "ratios": {
+                "engine_over_ceiling": ratio(run["events_per_s"], bound),
+                "engine_over_baseline": ratio(run["events_per_s"], baseline["events_per_s"]),
+                "engine_over_all_stores_in_sequence": ratio(run["events_per_s"], in_sequence),
+            },
+        }
+        for n, run in (workers or {}).items()
+    }
     return {
         "events": stream.total,
         "orders": len(stream.order_ids),
@@ -121,19 +152,33 @@ def _summary(
                 engine["events_per_s"], ceiling["all_stores_in_sequence_per_s"]
             ),
         },
-        "profiled": config.profile,
+        "profiled": engine.get("profile") is not None,
+        "workers": by_workers,
     }
 
 
 async def _engine(
-    env: Isolated, resources: Resources, produced: Produced, out: Path, profile: bool
+    env: Isolated,
+    resources: Resources,
+    produced: Produced,
+    out: Path,
+    profile: bool,
+    *,
+    workers: int,
 ) -> dict[str, Any]:
     session = out / "profile-daemon.pyisession"
+    if profile and not profiling.available():
+        say("  --profile: pyinstrument is not installed (pip install -e '.[bench]'): no profile")
     prefix = profiling.prefix(session) if profile and profiling.available() else []
     names = [projection.name for projection, _ in APP.projections(resources)]
     spawned = time.perf_counter()
     daemon = await start_engine(
-        env, ["run", "--log-level", "warning"], out / "logs", "daemon", prefix=prefix
+        env,
+        ["run", "--log-level", "warning"],
+        out / "logs",
+        "daemon" if workers == 1 else f"daemon-{workers}w",
+        prefix=prefix,
+        workers=workers,
     )
     try:
         watch = await _watch(daemon, resources.pool, env.settings.kafka.topic, names, produced)
@@ -148,8 +193,12 @@ async def _engine(
         "wall_s": finished - spawned,
         "wall_events_per_s": rate(produced.count, finished - spawned),
         "done_after_s": {name: at - spawned for name, at in sorted(done_at.items())},
-        "daemon_peak_rss_mb": mb(daemon.peak_rss),
-        "rss_source": "engine run subprocess, /proc VmHWM + psutil samples",
+        "workers": workers,
+        "events": produced.count,
+        # Per process: with workers, the largest worker's (the supervisor is small).
+        "daemon_peak_rss_mb": mb(daemon.peak_rss if workers == 1 else daemon.peak_worker_rss),
+        "rss_source": "engine run subprocess (its workers with --workers N), /proc VmHWM",
+        "cpu_s": daemon.cpu_s + sum(daemon.worker_cpu_s.values()),
         "applied_over_time": [(round(at - spawned, 2), n) for at, n in samples],
     }
     if prefix:
@@ -230,6 +279,13 @@ def _print(result: dict[str, Any]) -> None:
         + f"; slowest: {ceiling['slowest']}"
     )
     say(f"  naive baseline {baseline['events_per_s']:,.0f} ev/s (stream-adjusted)")
+    for n, run in result["workers"].items():
+        say(
+            f"  {n} workers: {run['engine']['events_per_s']:,.0f} ev/s, engine / ceiling = "
+            f"{_fmt(run['ratios']['engine_over_ceiling'])}, peak RSS per worker "
+            f"{run['engine']['daemon_peak_rss_mb']} MB, verified: "
+            f"{run['engine']['verified']['ok']}"
+        )
     say(
         f"  engine / ceiling = {_fmt(ratios['engine_over_ceiling'])}, "
         f"engine / baseline = {_fmt(ratios['engine_over_baseline'])}x"

@@ -60,6 +60,12 @@ def _assert_throughput(figures: dict[str, Any]) -> None:
     assert baseline["handled_events"] > 0
     assert figures["ratios"]["engine_over_ceiling"] > 0
     assert figures["ratios"]["engine_over_baseline"] > 0
+    # The same events through `engine run --workers 2`, side by side, verified too.
+    two = figures["workers"]["2"]
+    assert two["engine"]["verified"]["ok"], two["engine"]["verified"]
+    assert two["engine"]["workers"] == 2
+    assert two["engine"]["daemon_peak_rss_mb"] > 0  # a worker's, not the supervisor's
+    assert two["ratios"]["engine_over_ceiling"] > 0
 
 
 def _assert_lag(figures: dict[str, Any]) -> None:
@@ -116,6 +122,8 @@ def test_quick_run_measures_every_benchmark(stack: Settings, tmp_path: Path) -> 
     _assert_queries(results["benchmarks"]["queries"])
     _assert_rebuild(results["benchmarks"]["rebuild"])
     assert {t["target"] for t in results["targets"]} >= {
-        "throughput / naive baseline",
-        "daemon peak RSS (MB)",
+        "throughput (1 worker) / naive baseline",
+        "throughput (2 workers) / slowest store's ceiling",
+        "throughput (2 workers) / the 3 stores one after the other",
+        "daemon peak RSS per process (MB)",
     }
