@@ -118,6 +118,7 @@ class CatchUps:
                 # Never jump: an offset the retention deleted is an error, not a reset.
                 auto_offset_reset="none",
                 max_poll_records=self._settings.batch_size,
+                max_partition_fetch_bytes=self._settings.fetch_partition_bytes,
             )
             await reader.start()
             await self._read_until_reached(lane, reader)

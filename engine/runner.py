@@ -173,6 +173,7 @@ class ProjectionRunner:
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 max_poll_records=self._settings.batch_size,
+                max_partition_fetch_bytes=self._settings.fetch_partition_bytes,
                 request_timeout_ms=int(self._kafka.request_timeout_s * 1000),
                 session_timeout_ms=int(self._settings.session_timeout_s * 1000),
                 heartbeat_interval_ms=int(self._settings.session_timeout_s * 1000 / 3),

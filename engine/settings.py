@@ -178,8 +178,11 @@ class RunnerSettings(_Section):
     # A batch closes at batch_size events or after max_latency_ms, whichever comes first.
     batch_size: int = Field(default=1000, ge=1, le=50_000)
     max_latency_ms: int = Field(default=100, ge=1, le=60_000)
-    # Batches a projection may fall behind before it is detached and catches up alone.
-    lane_queue_batches: int = Field(default=20, ge=1, le=10_000)
+    # Batches a projection's queue holds ahead of its store: the dispatcher waits (back-
+    # pressure) when one is full. Memory: at most about (lane_queue_batches + 2) x
+    # batch_size decoded events in flight, some 7 KB each for the orders events (4 x
+    # 1,000: about 40 MB). A lane that fell behind applies its queue in one go.
+    lane_queue_batches: int = Field(default=4, ge=1, le=10_000)
     # A lane that fell behind applies the batches waiting in its queue as one, up to
     # this many events: one fence, transaction and progress record for all of them.
     max_apply_events: int = Field(default=5_000, ge=1, le=100_000)
@@ -200,8 +203,12 @@ class RunnerSettings(_Section):
     unconfirmed_max_events: int = Field(default=20_000, ge=0, le=1_000_000)
     # Documents each Redis and Elasticsearch store keeps of what it last wrote, so a
     # batch need not read them back first (engine.stores.cache); about 1 KB each for
-    # the orders projections (20,000: some 20 MB per store). 0 turns the cache off.
-    document_cache_size: int = Field(default=20_000, ge=0, le=10_000_000)
+    # the orders projections (10,000: some 10 MB per store). 0 turns the cache off.
+    document_cache_size: int = Field(default=10_000, ge=0, le=10_000_000)
+    # Bytes the Kafka consumer fetches ahead per partition (Kafka's
+    # max.partition.fetch.bytes): at most this times the partitions a consumer holds
+    # is buffered, for the group's consumer and for each lane catching up alone.
+    fetch_partition_bytes: int = Field(default=512 * 1024, ge=64 * 1024, le=64 * 1024 * 1024)
     backoff_initial_s: float = Field(default=0.2, gt=0)
     backoff_max_s: float = Field(default=10.0, gt=0)
     shutdown_timeout_s: float = Field(default=20.0, gt=0)

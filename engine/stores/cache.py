@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:  # engine.projection imports this module
     from engine.projection import Document, Projected
 
-# Enough for the orders a busy shop keeps open for a week, per store and process.
-DEFAULT_MAX_DOCUMENTS = 20_000
+# The orders a busy shop has in flight, per store and process (ENGINE_RUNNER__DOCUMENT_CACHE_SIZE).
+DEFAULT_MAX_DOCUMENTS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
