@@ -53,6 +53,9 @@ from engine.projection import Document, DocumentProjection, Projected, fold_and_
 from engine.stores.cache import DEFAULT_MAX_DOCUMENTS, Cached, DocumentCache, Plan
 from engine.stores.refresh import refresher
 
+_BULK_ANSWER = [
+    f"items.*.{field}" for field in ("_id", "_index", "status", "_seq_no", "_primary_term", "error")
+]
 _JSON = OrjsonSerializer()  # the client's own encoding of values orjson lacks (Decimal)
 
 VERSION_FIELD = "_v"
@@ -236,7 +239,12 @@ class ElasticsearchDocumentStore:
             lines += [orjson.dumps(action), source]
         # Encoded already: the client's ndjson serializer passes bytes through as they are.
         body = b"\n".join(lines) + b"\n"
-        response = await self._client.bulk(operations=body)  # type: ignore[arg-type]
+        response = await self._client.bulk(
+            operations=body,  # type: ignore[arg-type]
+            # Only what is read below: the full answer per document (shards, result,
+            # version) cost as much to parse as the documents cost to encode.
+            filter_path=_BULK_ANSWER,
+        )
         self._refresher.written()
         conflicts: set[str] = set()
         for entry in response["items"]:
