@@ -177,16 +177,16 @@ class RunnerSettings(_Section):
     group_id: str = "engine-projections"
     # A batch closes at batch_size events or after max_latency_ms, whichever comes first.
     # Memory grows with it (see lane_queue_batches); a lane behind applies several at once.
-    batch_size: int = Field(default=500, ge=1, le=50_000)
+    batch_size: int = Field(default=1000, ge=1, le=50_000)
     max_latency_ms: int = Field(default=100, ge=1, le=60_000)
     # Batches a projection's queue holds ahead of its store: the dispatcher waits (back-
     # pressure) when one is full. Memory: about 7 KB per decoded orders event in flight,
     # at most some (lane_queue_batches + 2) x batch_size events plus a lane's
-    # max_apply_events (2 x 500, 3,000: some 30 MB at the defaults).
-    lane_queue_batches: int = Field(default=2, ge=1, le=10_000)
+    # max_apply_events (1 x 1,000 and 2,000: some 30 MB at the defaults).
+    lane_queue_batches: int = Field(default=1, ge=1, le=10_000)
     # A lane that fell behind applies the batches waiting in its queue as one, up to
     # this many events: one fence, transaction and progress record for all of them.
-    max_apply_events: int = Field(default=3_000, ge=1, le=100_000)
+    max_apply_events: int = Field(default=2_000, ge=1, le=100_000)
     # A lane whose queue stays full this long (slow, not failing) is detached too.
     slow_lane_timeout_s: float = Field(default=30.0, gt=0)
     # A lane whose store has not answered one call for this long (hung, not busy) is
