@@ -9,6 +9,7 @@ version, ``EventDecodeError`` for everything else). The decoder is measured by
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -130,7 +131,9 @@ def mutated(draw: st.DrawFn) -> tuple[bytes, list[tuple[str, bytes]]]:
         key = draw(st.sampled_from(sorted(target)))
         action = draw(st.sampled_from(["set", "delete", "add"]))
         if action == "set":
-            target[key] = draw(interesting | json_values)
+            # A copy: ``interesting`` holds shared dicts (SHIPPED_V1), which later
+            # mutations would otherwise edit in place, even into themselves.
+            target[key] = copy.deepcopy(draw(interesting | json_values))
         elif action == "delete":
             del target[key]
         else:
