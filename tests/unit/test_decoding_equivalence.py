@@ -25,17 +25,10 @@ from engine.codec import encode
 from engine.decoding import Decoder
 from engine.events import DomainEvent
 from projections.orders import APP
+from tests.unit.test_events import SHIPPED_V1
 
 TP = TopicPartition("t", 0)
 REALISTIC = [encode(item.envelope) for item in EventStream(60)]
-SHIPPED_V1 = {
-    "order_id": "o-1",
-    "customer_id": "c-1",
-    "total": "10.00",
-    "previous_status": "CONFIRMED",
-    "status": "SHIPPED",
-    "tracking_code": "TRK-9",
-}
 
 
 def reference(value: bytes) -> tuple[EventEnvelope, DomainEvent] | type[PoisonError]:
