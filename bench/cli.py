@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
+from bench.commands import CommandsConfig, run_commands
 from bench.common import say
 from bench.lag import LagConfig, run_lag, sustained
 from bench.machine import load_average, machine_info
@@ -30,7 +31,7 @@ from bench.report import render_markdown, write_results
 from bench.throughput import ThroughputConfig, run_throughput
 from engine import Settings
 
-BENCHMARKS = ("throughput", "lag", "relay", "queries", "rebuild")
+BENCHMARKS = ("throughput", "lag", "relay", "queries", "rebuild", "commands")
 ISSUE_REBUILD_EVENTS = 1_000_000
 
 
@@ -53,6 +54,9 @@ class Sizes:
     # The issue asks for 1,000,000; rebuilding five projections from that many
     # takes about 12 minutes here on its own (see notes), so the default is smaller.
     rebuild_events: int = 100_000
+    # Commands: orders per side (three commands each: create, confirm, ship).
+    command_orders: int = 1_000
+    command_concurrency: int = 16
 
 
 # Tiny sizes for a smoke run (the integration test): every benchmark, in well under a minute.
@@ -68,6 +72,8 @@ QUICK = Sizes(
     query_duration=1.0,
     query_concurrency=4,
     rebuild_events=2_000,
+    command_orders=20,
+    command_concurrency=4,
 )
 
 
@@ -137,6 +143,11 @@ async def _run(
             folder,
         ),
         "rebuild": lambda: run_rebuild(settings, RebuildConfig(sizes.rebuild_events), folder),
+        "commands": lambda: run_commands(
+            settings,
+            CommandsConfig(sizes.command_orders, sizes.command_concurrency, profile=profile),
+            folder,
+        ),
     }
     started = time.perf_counter()
     for name in only:
@@ -202,6 +213,13 @@ def main(  # noqa: PLR0917 - one option per size, as the issue asks
     rebuild_events: Annotated[
         int | None, typer.Option(min=1, help="Rebuild: events in the log [100,000].")
     ] = None,
+    command_orders: Annotated[
+        int | None,
+        typer.Option(min=1, help="Commands: orders per side, 3 commands each [1,000]."),
+    ] = None,
+    command_concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Commands: concurrent clients [16].")
+    ] = None,
     only: Annotated[
         list[str] | None,
         typer.Option(help=f"Run only this benchmark (repeatable): {', '.join(BENCHMARKS)}."),
@@ -210,7 +228,11 @@ def main(  # noqa: PLR0917 - one option per size, as the issue asks
         bool, typer.Option(help="Tiny sizes: a smoke run, not a measurement.")
     ] = False,
     profile: Annotated[
-        bool, typer.Option(help="Profile the daemon of the throughput run with pyinstrument.")
+        bool,
+        typer.Option(
+            help="Profile the daemon of the throughput run, and the bus and the API of the"
+            " commands run, with pyinstrument."
+        ),
     ] = False,
     out: Annotated[Path, typer.Option(help="Where the results folder goes.")] = Path(
         "bench/results"
@@ -233,6 +255,8 @@ def main(  # noqa: PLR0917 - one option per size, as the issue asks
         "query_duration": query_duration,
         "query_concurrency": query_concurrency,
         "rebuild_events": rebuild_events,
+        "command_orders": command_orders,
+        "command_concurrency": command_concurrency,
     }
     if workers is not None:
         given["workers"] = tuple(sorted({n for n in workers if n > 1}))

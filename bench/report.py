@@ -24,6 +24,11 @@ LAG_P50_MS = 200.0
 RSS_MB = 200.0
 # Search visibility (issue 12, item 3): a search sees a committed write within this.
 SEARCH_LAG_P99_MS = 500.0
+# The command path (issue 13, item 1): through the API against the raw-SQL ceiling of
+# the same statements at the same concurrency, and an absolute rate with the relay and
+# the daemon running.
+COMMANDS_CEILING_SHARE = 0.5
+COMMANDS_PER_S = 1000.0
 
 
 def fmt(value: Any, digits: int = 0) -> str:
@@ -79,6 +84,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             )
     if "lag" in benches:
         found.append(_search_target(benches["lag"]))
+    if "commands" in benches:
+        found += _command_targets(benches["commands"])
     peaks = daemon_peaks(results)
     if peaks:
         worst = max(peaks.values())
@@ -124,6 +131,35 @@ def _search_target(lag: dict[str, Any]) -> dict[str, Any]:
         p99,
         p99 < SEARCH_LAG_P99_MS if sustained else None,
     )
+
+
+def _command_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    ratios, sides = result["ratios"], result["sides"]
+    at = f"at {result['concurrency']} clients"
+    found = []
+    for label, key in (
+        ("relay and daemon running", "api_loaded_over_ceiling_loaded"),
+        ("API alone", "api_over_ceiling"),
+    ):
+        value = ratios.get(key)
+        found.append(
+            _target(
+                f"commands through the API / raw-SQL ceiling ({label})",
+                f">= {COMMANDS_CEILING_SHARE:g} {at}",
+                value,
+                None if value is None else value >= COMMANDS_CEILING_SHARE,
+            )
+        )
+    loaded = sides["api_loaded"]["commands_per_s"]
+    found.append(
+        _target(
+            "commands/s through the API, relay and daemon running",
+            f">= {COMMANDS_PER_S:,.0f} {at}",
+            loaded,
+            loaded >= COMMANDS_PER_S,
+        )
+    )
+    return found
 
 
 def daemon_peaks(results: dict[str, Any]) -> dict[str, float]:
@@ -331,12 +367,52 @@ def _rebuild(result: dict[str, Any]) -> str:
     )
 
 
+_SIDE_NAMES = {
+    "ceiling": "raw-SQL ceiling (the same statements, asyncpg)",
+    "bus": "CommandBus.execute in process",
+    "api": "API (engine api), relay and daemon stopped",
+    "ceiling_loaded": "raw-SQL ceiling, relay and daemon running",
+    "api_loaded": "API, relay and daemon running",
+}
+
+
+def _commands(result: dict[str, Any]) -> str:
+    rows = [
+        [
+            _SIDE_NAMES.get(side, side),
+            fmt(f["commands_per_s"]),
+            fmt(f["p50"], 2),
+            fmt(f["p99"], 2),
+            fmt(f["failures"]),
+        ]
+        for side, f in result["sides"].items()
+    ]
+    ratios = result["ratios"]
+    statements = ", ".join(f"{k} {v}" for k, v in result["statements_per_command"].items())
+    parts = [
+        f"## The command path ({result['concurrency']} clients, "
+        f"{result['orders_per_side']:,} orders x create/confirm/ship per side, pool of "
+        f"{result['pool_max_size']})",
+        table(["side", "commands/s", "p50 ms", "p99 ms", "failures"], rows),
+        f"Statements per command: {statements}. bus / ceiling = "
+        f"{fmt(ratios['bus_over_ceiling'], 2)}; API / ceiling = "
+        f"{fmt(ratios['api_over_ceiling'], 2)}; with relay and daemon: API / ceiling = "
+        f"{fmt(ratios['api_loaded_over_ceiling_loaded'], 2)}.",
+    ]
+    for key, title in (("profile_bus", "the bus in process"), ("profile_api", "the API process")):
+        top = result.get(key, {}).get("tree_top")
+        if top:
+            parts += [f"Profile of {title} (pyinstrument):", "```\n" + "\n".join(top) + "\n```"]
+    return "\n\n".join(parts)
+
+
 _SECTIONS = (
     ("throughput", _throughput),
     ("lag", _lag),
     ("relay", _relay),
     ("queries", _queries),
     ("rebuild", _rebuild),
+    ("commands", _commands),
 )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from engine import Settings
 from tests.conftest import ROOT
 
-BENCHMARKS = {"throughput", "lag", "relay", "queries", "rebuild"}
+BENCHMARKS = {"throughput", "lag", "relay", "queries", "rebuild", "commands"}
 STORES = {"postgres", "redis", "elasticsearch"}
 PROJECTIONS = {
     "order_details",
@@ -35,7 +35,7 @@ def _run_quick(out: Path) -> dict[str, Any]:
         env={**os.environ, "COLUMNS": "200"},
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=150,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-4000:]
@@ -110,6 +110,18 @@ def _assert_rebuild(figures: dict[str, Any]) -> None:
         assert rebuilt["replayed"] > 0, name
 
 
+def _assert_commands(figures: dict[str, Any]) -> None:
+    assert set(figures["sides"]) == {"ceiling", "bus", "api", "ceiling_loaded", "api_loaded"}
+    for side, measured in figures["sides"].items():
+        assert measured["commands_per_s"] > 0, side
+        assert measured["failures"] == 0, (side, measured["first_errors"], figures["api_errors"])
+        assert measured["commands"] == 3 * figures["orders_per_side"], side
+        assert measured["shipped"] == figures["orders_per_side"], side  # every order went through
+    assert set(figures["statements_per_command"]) == {"CreateOrder", "ConfirmOrder", "ShipOrder"}
+    assert all(n > 0 for n in figures["statements_per_command"].values())
+    assert all(value is not None and value > 0 for value in figures["ratios"].values())
+
+
 def test_quick_run_measures_every_benchmark(stack: Settings, tmp_path: Path) -> None:
     results = _run_quick(tmp_path)
     assert results["errors"] == {}
@@ -121,9 +133,11 @@ def test_quick_run_measures_every_benchmark(stack: Settings, tmp_path: Path) -> 
     _assert_relay(results["benchmarks"]["relay"])
     _assert_queries(results["benchmarks"]["queries"])
     _assert_rebuild(results["benchmarks"]["rebuild"])
+    _assert_commands(results["benchmarks"]["commands"])
     assert {t["target"] for t in results["targets"]} >= {
         "throughput (1 worker) / naive baseline",
         "throughput (2 workers) / slowest store's ceiling",
         "throughput (2 workers) / the 3 stores one after the other",
         "daemon peak RSS per process (MB)",
+        "commands/s through the API, relay and daemon running",
     }
