@@ -8,10 +8,18 @@ store that answers it, for the same data:
 
 - quick lookup: ``GET /orders/{id}/quick`` / Redis ``HGETALL`` of the hash;
 - order details: ``GET /orders/{id}`` / Postgres ``SELECT * FROM order_details``;
+- customer's orders: ``GET /customers/{id}/orders`` / the Postgres page query
+  on ``customer_orders`` (20 rows and one more, to know whether a page follows);
+- orders by status: ``GET /orders?status=...`` / the same page query by status;
 - search: ``GET /search/orders?text=...`` / Elasticsearch ``_search`` with the
   body the API builds for that text.
 
-The difference is what the API adds: HTTP, validation, the typed answer.
+The difference is what the API adds: HTTP, validation, the typed answer. The
+raw side runs in this process, the API in its own (``api_workers`` of them):
+both share the machine's cores with the stores and the load generator, so
+compare the ratio, measured in the same run, not the rates across machines.
+With ``profile`` the API process runs under pyinstrument (one worker) and the
+profile's top is in the result.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from bench import profiling
 from bench.common import (
     EngineProcess,
     Isolated,
@@ -46,6 +55,14 @@ from projections.orders.wiring import quick_lookup_prefix, search_alias
 
 Call = Callable[[], Awaitable[bool]]  # one query; True if it succeeded
 _WORDS = [city for city, *_ in CITIES] + [name.split()[-1] for name, _ in CATALOG]
+_STATUSES = ("PENDING", "CONFIRMED", "SHIPPED", "DELIVERED", "CANCELLED")
+# The API's own page query (projections.orders.queries): the first page.
+_PAGE_SQL = (
+    "SELECT id AS order_id, customer_id, status, total, item_count, created_at,"
+    " updated_at, version FROM customer_orders WHERE {column} = $1"
+    " AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))"
+    " ORDER BY created_at DESC, id DESC LIMIT $4"
+)
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,8 @@ class QueriesConfig:
     duration_s: float
     concurrency: int
     seed: int = 31
+    api_workers: int = 1
+    profile: bool = False
 
 
 async def measure(call: Call, concurrency: int, duration_s: float) -> dict[str, Any]:
@@ -86,10 +105,13 @@ async def measure(call: Call, concurrency: int, duration_s: float) -> dict[str, 
 class _Calls:
     """The three queries, through the API and raw, on random orders and words."""
 
-    def __init__(self, resources: Resources, api: HttpPool, ids: list[str], seed: int) -> None:
+    def __init__(
+        self, resources: Resources, api: HttpPool, ids: list[str], customers: list[str], seed: int
+    ) -> None:
         self._resources = resources
         self._api = api
         self._ids = ids
+        self._customers = customers
         self._rng = random.Random(seed)
         self._quick = generation_prefix(quick_lookup_prefix(resources), 1)
         self._alias = search_alias(resources)
@@ -99,6 +121,12 @@ class _Calls:
 
     def _word(self) -> str:
         return self._rng.choice(_WORDS)
+
+    def _customer(self) -> str:
+        return self._rng.choice(self._customers)
+
+    def _status(self) -> str:
+        return self._rng.choice(_STATUSES)
 
     async def _get(self, path: str) -> bool:
         try:
@@ -114,6 +142,14 @@ class _Calls:
                 self._raw_quick,
             ),
             "order_details": (lambda: self._get(f"/orders/{self._id()}"), self._raw_details),
+            "customer_orders": (
+                lambda: self._get(f"/customers/{self._customer()}/orders?limit=20"),
+                lambda: self._raw_page("customer_id", self._customer()),
+            ),
+            "orders_by_status": (
+                lambda: self._get(f"/orders?status={self._status()}&limit=20"),
+                lambda: self._raw_page("status", self._status()),
+            ),
             "search": (
                 lambda: self._get(f"/search/orders?text={quote(self._word())}&size=20"),
                 self._raw_search,
@@ -129,6 +165,12 @@ class _Calls:
         )
         return row is not None
 
+    async def _raw_page(self, column: str, value: str) -> bool:
+        rows = await self._resources.pool.fetch(
+            _PAGE_SQL.format(column=column), value, None, "", 21
+        )
+        return isinstance(rows, list)
+
     async def _raw_search(self) -> bool:
         body = build_search_body(parse_search_query({"text": self._word(), "size": 20}))
         found = await self._resources.elasticsearch.search(index=self._alias, body=body)
@@ -141,7 +183,20 @@ async def run_queries(base: Settings, config: QueriesConfig, out: Path) -> dict[
         stream = EventStream(config.events, config.seed)
         produced = await produce(env.settings.kafka, stream)
         daemon = await _fill(env, resources, produced.count, out)
-        api = await start_engine(env, ["api", "--log-level", "warning"], out / "logs", "api")
+        session = out / "profile-api.pyisession"
+        profiled = config.profile and profiling.available()
+        if config.profile and not profiled:
+            say(
+                "  --profile: pyinstrument is not installed (pip install -e '.[bench]'): no profile"
+            )
+        workers = 1 if profiled else config.api_workers
+        api = await start_engine(
+            env,
+            ["api", "--log-level", "warning", "--workers", str(workers)],
+            out / "logs",
+            "api",
+            prefix=profiling.prefix(session) if profiled else (),
+        )
         headers = {}
         key = env.settings.api.reader_key or env.settings.api.writer_key
         if key is not None:
@@ -149,7 +204,8 @@ async def run_queries(base: Settings, config: QueriesConfig, out: Path) -> dict[
         client = HttpPool("127.0.0.1", env.settings.api.port, config.concurrency, headers)
         try:
             await _api_ready(client, api)
-            calls = _Calls(resources, client, stream.order_ids, config.seed)
+            customers = await _customers(resources)
+            calls = _Calls(resources, client, stream.order_ids, customers, config.seed)
             figures = {
                 name: {
                     "api": await measure(through_api, config.concurrency, config.duration_s),
@@ -165,13 +221,23 @@ async def run_queries(base: Settings, config: QueriesConfig, out: Path) -> dict[
         "orders": len(stream.order_ids),
         "concurrency": config.concurrency,
         "duration_s": config.duration_s,
+        "api_workers": workers,
         "queries": figures,
         "daemon_peak_rss_mb": mb(daemon.peak_rss),
-        "api_peak_rss_mb": mb(api.peak_rss),
-        "api_cpu_s": round(api.cpu_s, 2),
+        "api_peak_rss_mb": mb(api.peak_rss if workers == 1 else api.peak_worker_rss),
+        "api_cpu_s": round(api.cpu_s + sum(api.worker_cpu_s.values()), 2),
+        "profiled": profiled,
     }
+    if profiled:
+        result["profile"] = await profiling.render(session)
     _print(result)
     return result
+
+
+async def _customers(resources: Resources) -> list[str]:
+    """The customers that have orders (the list query's keys), from the projection."""
+    rows = await resources.pool.fetch("SELECT DISTINCT customer_id FROM customer_orders")
+    return [row["customer_id"] for row in rows]
 
 
 async def _fill(env: Isolated, resources: Resources, events: int, out: Path) -> EngineProcess:

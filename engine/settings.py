@@ -254,6 +254,11 @@ class ApiSettings(_Section):
     consistency_timeout_s: float = Field(default=5.0, gt=0, le=60)
     # Requests with a larger body are refused with 413 before they are parsed.
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # Server processes sharing the listening socket (``engine api --workers``); 0 means
+    # one per core. One process serves on one core at most.
+    workers: int = Field(default=1, ge=0, le=64)
+    # On SIGTERM, how long requests in flight get to finish before connections close.
+    graceful_shutdown_s: float = Field(default=10.0, gt=0, le=300)
 
 
 class StackSettings(_Section):

@@ -1,5 +1,10 @@
 """Several projection daemons in one consumer group under one supervisor: ``engine run --workers``.
 
+(``engine api --workers`` uses the same supervisor for its server processes:
+see :mod:`engine.cli.api`. What follows is written for the daemon; the API's
+workers differ only in what they share, a listening socket instead of a
+consumer group.)
+
 Why processes, and why this is enough. One Python process applies events on
 one core at most, and under load the daemon is CPU-bound (decoding, folding,
 building each store's batch). Kafka's consumer group already shares a topic's
@@ -92,24 +97,27 @@ def worker_count(requested: int, partitions: int, cores: int | None) -> int:
     return max(1, min(cores or 1, partitions))
 
 
-def worker_command(log_level: str, supervisor_pid: int) -> list[str]:
-    """The command line of one worker: ``engine run`` as one process, told who supervises it.
+def worker_command(
+    log_level: str, supervisor_pid: int, command: str = "run", options: Sequence[str] = ()
+) -> list[str]:
+    """The command line of one worker: ``engine COMMAND`` as one process, told who supervises it.
 
     Settings reach the worker through the environment it inherits, so only the
-    command's own options are forwarded; ``--until-caught-up`` never is (see
-    the module's docstring).
+    command's own options are forwarded (``options``, beyond the log level);
+    ``engine run``'s ``--until-caught-up`` never is (see the module's docstring).
     """
     return [
         sys.executable,
         "-m",
         "engine",
-        "run",
+        command,
         "--workers",
         "1",
         "--log-level",
         log_level,
         "--supervisor-pid",
         str(supervisor_pid),
+        *options,
     ]
 
 
@@ -164,8 +172,11 @@ class Supervisor:
         stop_timeout_s: float,
         fatal_codes: Collection[int],
         policy: Callable[[], RestartPolicy] = default_policy,
+        pass_fds: Collection[int] = (),
     ) -> None:
         self._command = list(command)
+        # Descriptors every worker inherits (the API's listening socket).
+        self._pass_fds = tuple(pass_fds)
         self._stop_timeout_s = stop_timeout_s
         self._fatal_codes = frozenset(fatal_codes)
         self._slots = [_Slot(n, policy()) for n in range(1, workers + 1)]
@@ -243,6 +254,7 @@ class Supervisor:
             *self._command,
             stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,  # signals come from the supervisor only (see the docstring)
+            pass_fds=self._pass_fds,
         )
         log.info("worker %d started (pid %d)", slot.number, process.pid)
         return process

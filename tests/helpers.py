@@ -163,6 +163,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "ENGINE_RUNNER__MAX_LATENCY_MS": str(settings.runner.max_latency_ms),
         # One process whatever the machine's cores: tests signal the daemon's own pid.
         "ENGINE_RUNNER__WORKERS": "1",
+        "ENGINE_API__WORKERS": "1",
         "ENGINE_REDIS__KEY_PREFIX": settings.redis.key_prefix,
         "ENGINE_ELASTICSEARCH__INDEX_PREFIX": settings.elasticsearch.index_prefix,
     }

@@ -10,7 +10,9 @@ bounded, for each to finish.
 The daemon child is a plain ``engine run``, so it honours
 ``ENGINE_RUNNER__WORKERS`` like one started by hand: one per core by default,
 its own supervisor restarting a worker that dies (:mod:`engine.supervisor`).
-``up`` only sees that supervisor exit.
+The API child likewise honours ``ENGINE_API__WORKERS`` (one by default).
+``--workers`` and ``--api-workers`` are passed on to those children as their
+own ``--workers``. ``up`` only sees each supervisor exit.
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ class Child:
     process: asyncio.subprocess.Process
 
 
-async def _start(part: str, log_level: str) -> Child:
+async def _start(part: str, log_level: str, options: list[str]) -> Child:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine", part, "--log-level", log_level
+        sys.executable, "-m", "engine", part, "--log-level", log_level, *options
     )
     return Child(part, process)
 
@@ -138,7 +140,12 @@ def _announce(settings: Settings, samples: dict[str, str] | None, projected: boo
     console.print("\nCtrl-C stops everything.")
 
 
-async def _up(settings: Settings, log_level: str, demo_args: list[str] | None) -> int:
+async def _up(
+    settings: Settings,
+    log_level: str,
+    demo_args: list[str] | None,
+    options: dict[str, list[str]],
+) -> int:
     await _migrate_and_grant(settings)
     await ensure_topic(settings.kafka)
     stop, died, halt = asyncio.Event(), asyncio.Event(), asyncio.Event()
@@ -153,7 +160,7 @@ async def _up(settings: Settings, log_level: str, demo_args: list[str] | None) -
     children: list[Child] = []
     try:
         for part in PARTS:
-            children.append(await _start(part, log_level))
+            children.append(await _start(part, log_level, options.get(part, [])))
         watchers = [asyncio.create_task(_watch(child, died, halt)) for child in children]
         base = f"http://{settings.api.host}:{settings.api.port}"
         if not await _wait_until_ok(f"{base}/health", time.monotonic() + 60, halt):
@@ -200,7 +207,7 @@ async def _watch(child: Child, died: asyncio.Event, halt: asyncio.Event) -> None
 
 
 @app.command()
-def up(
+def up(  # noqa: PLR0917 - one parameter per command-line option
     demo: Annotated[
         bool, typer.Option("--demo/--no-demo", help="Load the demo sample once the engine runs.")
     ] = False,
@@ -210,6 +217,24 @@ def up(
     orders: Annotated[
         int | None, typer.Option(min=0, help="Demo orders (default: engine demo's own).")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="The daemon's consumer processes (engine run --workers)."
+            " Default: ENGINE_RUNNER__WORKERS; 0 means one per core.",
+            show_default=False,
+        ),
+    ] = None,
+    api_workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="The API's server processes (engine api --workers)."
+            " Default: ENGINE_API__WORKERS (1); 0 means one per core.",
+            show_default=False,
+        ),
+    ] = None,
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "warning",
@@ -217,7 +242,8 @@ def up(
     """Run the whole engine: migrate, then the outbox relay, the projection daemon and the API.
 
     The daemon runs ENGINE_RUNNER__WORKERS consumer processes (default: one per
-    core) under its own supervisor, as `engine run` does.
+    core) under its own supervisor, as `engine run` does; the API runs
+    ENGINE_API__WORKERS server processes (default: one), as `engine api` does.
 
     With --demo, also loads the demo sample, waits until it is projected and
     prints the URLs and example queries. Runs until SIGTERM/Ctrl-C; exits 1 if
@@ -228,7 +254,8 @@ def up(
     demo_args: list[str] | None = None
     if demo:
         demo_args = [*_flag("--customers", customers), *_flag("--orders", orders)]
-    code = run_reporting_errors(lambda: asyncio.run(_up(settings, log_level, demo_args)))
+    options = {"run": _flag("--workers", workers), "api": _flag("--workers", api_workers)}
+    code = run_reporting_errors(lambda: asyncio.run(_up(settings, log_level, demo_args, options)))
     raise typer.Exit(code)
 
 

@@ -9,6 +9,7 @@ import shlex
 import signal
 import socket
 import sys
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -25,6 +26,18 @@ def _free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found.update(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def _cmdline(pid: int) -> list[str]:
+    """``[python, -m, engine, part, ...]`` of an engine process."""
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
 
 
 async def _spawn(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
@@ -113,7 +126,9 @@ async def test_engine_up_with_demo_data_prints_queries_that_work(
 ) -> None:
     port = _free_port()
     env = {**settings_env(settings_for_test), "ENGINE_API__PORT": str(port)}
-    process = await _spawn("up", "--demo", "--customers", "10", "--orders", "25", env=env)
+    process = await _spawn(
+        "up", "--demo", "--customers", "10", "--orders", "25", "--api-workers", "2", env=env
+    )
     assert process.stdout is not None
     printed: list[str] = []
     try:
@@ -131,6 +146,9 @@ async def test_engine_up_with_demo_data_prints_queries_that_work(
         assert detail.status_code == 200 and detail.json()["order_id"]
         assert quick.status_code == 200 and quick.json()["source"] == "redis"
         assert search.status_code == 200 and search.json()["total"] > 0
+        # --api-workers reached the API: it supervises two server processes.
+        (api,) = [c for c in _children(process.pid) if _cmdline(c)[3:4] == ["api"]]
+        assert len(_children(api)) == 2, [_cmdline(c) for c in _children(api)]
     finally:
         code = await _stop(process)
     assert code == 0, (await process.stderr.read()).decode()[-2000:] if process.stderr else ""

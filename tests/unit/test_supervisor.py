@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from typer.models import OptionInfo
 
+from engine.cli.api import api
 from engine.cli.run import run
 from engine.retry import Backoff
 from engine.supervisor import (
@@ -45,22 +46,39 @@ def test_a_worker_is_engine_run_as_one_process_told_its_supervisor_and_log_level
     assert "--until-caught-up" not in command
 
 
+def _options(command: typing.Callable[..., None]) -> set[str]:
+    """The command's long options: declared ones, else typer's from the parameter's name."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    found: set[str] = set()
+    for name, hint in hints.items():
+        for meta in getattr(hint, "__metadata__", ()):
+            if not isinstance(meta, OptionInfo):
+                continue
+            # In Annotated form typer takes the first name as the "default" slot.
+            declared = [
+                d
+                for d in (meta.default, *(meta.param_decls or ()))
+                if isinstance(d, str) and d.startswith("--")
+            ]
+            found.update(declared or [f"--{name.replace('_', '-')}"])
+    return found
+
+
 def test_every_option_of_engine_run_is_either_forwarded_to_workers_or_deliberately_not() -> None:
-    hints = typing.get_type_hints(run, include_extras=True)
-    options = {
-        decl
-        for hint in hints.values()
-        for meta in getattr(hint, "__metadata__", ())
-        if isinstance(meta, OptionInfo)
-        # In Annotated form typer takes the first name as the "default" slot.
-        for decl in (meta.default, *(meta.param_decls or ()))
-        if isinstance(decl, str) and decl.startswith("--")
-    }
+    options = _options(run)
     assert "--log-level" in options  # the inspection sees the command's options
     forwarded = {o for o in worker_command("info", 1) if o.startswith("--")}
     # --until-caught-up never reaches a worker: burst mode runs one process, no supervisor.
     assert options - forwarded == {"--until-caught-up"}, (
         "a new option of engine run: forward it in engine.supervisor.worker_command, or say why not"
+    )
+
+
+def test_every_option_of_engine_api_is_either_forwarded_to_workers_or_deliberately_not() -> None:
+    forwarded = {o for o in worker_command("info", 1, "api", ["--fd", "7"]) if o.startswith("--")}
+    # --host and --port never reach a worker: the supervisor binds and passes the socket.
+    assert _options(api) - forwarded == {"--host", "--port"}, (
+        "a new option of engine api: forward it in engine.cli.api._supervise, or say why not"
     )
 
 
