@@ -12,6 +12,21 @@ transaction ends; if the first committed, the duplicate finds its result and
 returns it unchanged (recording nothing); if the first rolled back, the
 duplicate proceeds as the first. The same id with different content is a
 client bug and is refused.
+
+The transaction's shape, in round trips: ``BEGIN``; the claim; the handler's
+statements (one or two for the orders domain); one statement that appends the
+events to the log and the outbox, stores the command's result in the claim row
+and sends the relay's ``NOTIFY`` (:func:`engine.postgres.outbox.append_for_command`);
+``COMMIT``. Folding the last three writes into one statement changes none of
+the arguments: the claim is still the first write, so a duplicate still blocks
+on it until this transaction ends and then reads the result stored by it (the
+same transaction wrote it, so it is there exactly when the claim row is); the
+transaction id is still drawn before any position (the append's materialized
+``tx``); a ``NOTIFY`` is queued until commit and dropped on rollback wherever
+in the transaction it is sent. The claim cannot move to the end (to save its
+round trip): a concurrent duplicate would then run its handler against the
+first's uncommitted changes and fail with a conflict instead of returning the
+first's result.
 """
 
 from __future__ import annotations
@@ -185,20 +200,36 @@ class CommandBus:
                 return await _previous_result(conn, command, digest)
             work = UnitOfWork(conn=conn, command=command, occurred_at=self._clock())
             aggregate_id, version = await handler(work, command)
-            envelopes = await outbox.append(conn, _rows(work)) if work.recorded else []
-            result = CommandResult(
+            if not work.recorded:
+                return await _record_result(conn, command, aggregate_id, version)
+            outcome = outbox.Outcome(command.command_id, aggregate_id, version)
+            appended = await outbox.append_for_command(conn, _rows(work), outcome)
+            return CommandResult(
                 command_id=command.command_id,
                 aggregate_id=aggregate_id,
                 version=version,
-                position=envelopes[-1].position if envelopes else None,
-                event_types=[e.event_type for e in envelopes],
+                position=appended[-1][0],
+                event_types=[event_type for _, event_type in appended],
             )
-            await conn.execute(
-                "UPDATE engine_commands SET result = $2::jsonb WHERE command_id = $1",
-                command.command_id,
-                result.model_dump_json(),
-            )
-            return result
+
+
+async def _record_result(
+    conn: Connection, command: Command, aggregate_id: str, version: int
+) -> CommandResult:
+    """The result of a command that recorded no event (the append stores it otherwise)."""
+    result = CommandResult(
+        command_id=command.command_id,
+        aggregate_id=aggregate_id,
+        version=version,
+        position=None,
+        event_types=[],
+    )
+    await conn.execute(
+        "UPDATE engine_commands SET result = $2::jsonb WHERE command_id = $1",
+        command.command_id,
+        result.model_dump_json(),
+    )
+    return result
 
 
 async def _previous_result(conn: Connection, command: Command, digest: str) -> CommandResult:
@@ -217,9 +248,7 @@ async def _previous_result(conn: Connection, command: Command, digest: str) -> C
     return CommandResult.model_validate({**stored, "duplicate": True})
 
 
-def _rows(
-    work: UnitOfWork,
-) -> list[tuple[UUID, str, int, str, str, int, datetime, UUID, UUID, str]]:
+def _rows(work: UnitOfWork) -> list[outbox.EventRow]:
     command = work.command
     correlation = command.correlation_id or command.command_id
     return [

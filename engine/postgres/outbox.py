@@ -158,15 +158,55 @@ def _envelope(row: asyncpg.Record) -> EventEnvelope:
     )
 
 
-async def append(
-    conn: Connection,
-    events: Sequence[tuple[UUID, str, int, str, str, int, datetime, UUID, UUID, str]],
-) -> list[EventEnvelope]:
+# One statement appends the events, queues them, records the command's result
+# (when there is one) and wakes the relay: one round trip instead of three.
+# The result is built here, from the positions just drawn, in the shape of
+# engine.commands.CommandResult (which reads it back for a duplicate command).
+_APPEND = """
+    WITH tx AS MATERIALIZED (
+        SELECT pg_current_xact_id() AS id
+    ), new AS (
+        INSERT INTO engine_event_log (event_id, event_type, schema_version, aggregate_type,
+            aggregate_id, aggregate_version, occurred_at, correlation_id, causation_id,
+            payload, tx_id)
+        SELECT e.*, tx.id FROM tx, unnest($1::uuid[], $2::text[], $3::int[], $4::text[],
+            $5::text[], $6::int[], $7::timestamptz[], $8::uuid[], $9::uuid[], $10::jsonb[]) AS e
+        RETURNING {returning}
+    ), queued AS (
+        INSERT INTO engine_outbox (position) SELECT position FROM new
+    ), done AS (
+        UPDATE engine_commands SET result = jsonb_build_object(
+            'command_id', command_id, 'aggregate_id', $12::text, 'version', $13::int,
+            'position', (SELECT max(position) FROM new),
+            'event_types', (SELECT jsonb_agg(event_type ORDER BY position) FROM new))
+        WHERE command_id = $11::uuid
+    ), woken AS MATERIALIZED (
+        SELECT pg_notify('{channel}', '')
+    )
+    SELECT {returning} FROM new CROSS JOIN woken ORDER BY position
+"""
+_APPEND_ENVELOPES = _APPEND.format(returning=_COLUMNS, channel=NOTIFY_CHANNEL)
+_APPEND_POSITIONS = _APPEND.format(returning="position, event_type", channel=NOTIFY_CHANNEL)
+
+EventRow = tuple[UUID, str, int, str, str, int, datetime, UUID, UUID, str]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the command whose claim row is ``command_id`` did, stored with its events."""
+
+    command_id: UUID
+    aggregate_id: str
+    version: int
+
+
+async def append(conn: Connection, events: Sequence[EventRow]) -> list[EventEnvelope]:
     """Append rows (in the caller's transaction) to the log and the outbox; wake the relay.
 
     Each tuple is (event_id, event_type, schema_version, aggregate_type,
     aggregate_id, aggregate_version, occurred_at, correlation_id, causation_id,
-    payload_json). The notification is delivered only if the transaction commits.
+    payload_json). The notification is delivered only if the transaction commits
+    (Postgres queues a ``NOTIFY`` until then, whichever statement sends it).
 
     The transaction id is drawn before any position, even when this is the
     transaction's first write: ``tx`` is a materialized CTE that the source
@@ -175,26 +215,33 @@ async def append(
     command bus claims its id first anyway; this keeps ``tx_id`` honest for
     any other caller.)
     """
-    rows = await conn.fetch(
-        f"""
-        WITH tx AS MATERIALIZED (
-            SELECT pg_current_xact_id() AS id
-        ), new AS (
-            INSERT INTO engine_event_log (event_id, event_type, schema_version, aggregate_type,
-                aggregate_id, aggregate_version, occurred_at, correlation_id, causation_id,
-                payload, tx_id)
-            SELECT e.*, tx.id FROM tx, unnest($1::uuid[], $2::text[], $3::int[], $4::text[],
-                $5::text[], $6::int[], $7::timestamptz[], $8::uuid[], $9::uuid[], $10::jsonb[]) AS e
-            RETURNING {_COLUMNS}
-        ), queued AS (
-            INSERT INTO engine_outbox (position) SELECT position FROM new
-        )
-        SELECT {_COLUMNS} FROM new ORDER BY position
-        """,
-        *(list(column) for column in zip(*events, strict=True)),
-    )
-    await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+    rows = await conn.fetch(_APPEND_ENVELOPES, *_columns(events), None, None, None)
     return [_envelope(row) for row in rows]
+
+
+async def append_for_command(
+    conn: Connection, events: Sequence[EventRow], outcome: Outcome
+) -> list[tuple[int, str]]:
+    """:func:`append`, and store ``outcome`` as the result of its command, in one statement.
+
+    The command's claim row (``engine_commands``) gets its result built from the
+    positions drawn; the (position, event_type) of each event come back in
+    position order. Nothing is decoded: the bus needs no envelope.
+    """
+    if not events:
+        raise ValueError("append_for_command needs at least one event")
+    rows = await conn.fetch(
+        _APPEND_POSITIONS,
+        *_columns(events),
+        outcome.command_id,
+        outcome.aggregate_id,
+        outcome.version,
+    )
+    return [(row[0], row[1]) for row in rows]
+
+
+def _columns(events: Sequence[EventRow]) -> list[list[Any]]:
+    return [list(column) for column in zip(*events, strict=True)]
 
 
 async def fetch_pending(conn: Connection, limit: int) -> list[EventEnvelope]:

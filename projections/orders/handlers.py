@@ -5,6 +5,12 @@ then updates ``WHERE version = <read version>``. A concurrent writer that got
 there first makes that update match no row (Postgres re-checks the condition
 after waiting for the other transaction), and the command fails with a
 ConflictError instead of overwriting the other change.
+
+Round trips: the read and the conditioned update are one statement (a CTE
+reads, the update joins it), and the rules are checked on what it read right
+after; a refusal raises, which rolls the whole transaction (and so the
+update) back. A new order reads its customer and products in one statement
+and writes itself and its lines in another.
 """
 
 from __future__ import annotations
@@ -101,16 +107,32 @@ async def register_product(work: UnitOfWork, cmd: RegisterProduct) -> tuple[str,
     return str(product_id), 1
 
 
+# The customer and the products an order names, in one round trip: no row means no
+# such customer; a row per product found (product columns null when none is).
+_ORDER_INPUTS = (
+    "SELECT c.name AS customer_name, c.email, p.id, p.name, p.price FROM customers c"
+    " LEFT JOIN products p ON p.id = ANY($2::uuid[]) WHERE c.id = $1"
+)
+# The order and its lines in one statement; nothing is inserted when the order exists.
+_INSERT_ORDER = (
+    "WITH new AS (INSERT INTO orders (id, customer_id, status, street, city, postal_code,"
+    " country, total, version, created_at, updated_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9) ON CONFLICT (id) DO NOTHING RETURNING id),"
+    " lines AS (INSERT INTO order_items (order_id, line_no, product_id, product_name, quantity,"
+    " unit_price) SELECT new.id, l.* FROM new, unnest($10::int[], $11::uuid[], $12::text[],"
+    " $13::int[], $14::numeric[]) AS l)"
+    " SELECT count(*) FROM new"
+)
+
+
 async def create_order(work: UnitOfWork, cmd: CreateOrder) -> tuple[str, int]:
     conn = work.conn
-    customer = await conn.fetchrow(
-        "SELECT name, email FROM customers WHERE id = $1", cmd.customer_id
-    )
-    if customer is None:
-        raise NotFoundError("customer", str(cmd.customer_id))
     wanted = sorted({item.product_id for item in cmd.items})
-    rows = await conn.fetch("SELECT id, name, price FROM products WHERE id = ANY($1)", wanted)
-    catalog = {str(r["id"]): ProductInfo(r["name"], r["price"]) for r in rows}
+    rows = await conn.fetch(_ORDER_INPUTS, cmd.customer_id, wanted)
+    if not rows:
+        raise NotFoundError("customer", str(cmd.customer_id))
+    customer = rows[0]
+    catalog = {str(r["id"]): ProductInfo(r["name"], r["price"]) for r in rows if r["id"]}
     for product_id in wanted:
         if str(product_id) not in catalog:
             raise NotFoundError("product", str(product_id))
@@ -119,9 +141,7 @@ async def create_order(work: UnitOfWork, cmd: CreateOrder) -> tuple[str, int]:
     order_id = _new_id(work, cmd.order_id)
     address = cmd.shipping_address
     inserted = await conn.fetchval(
-        "INSERT INTO orders (id, customer_id, status, street, city, postal_code, country, total,"
-        " version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9)"
-        " ON CONFLICT (id) DO NOTHING RETURNING id",
+        _INSERT_ORDER,
         order_id,
         cmd.customer_id,
         OrderStatus.PENDING.value,
@@ -131,28 +151,18 @@ async def create_order(work: UnitOfWork, cmd: CreateOrder) -> tuple[str, int]:
         address.country,
         total,
         work.occurred_at,
+        list(range(1, len(lines) + 1)),
+        [uuid.UUID(line.product_id) for line in lines],
+        [line.product_name for line in lines],
+        [line.quantity for line in lines],
+        [line.unit_price for line in lines],
     )
-    if inserted is None:
+    if not inserted:
         raise RuleViolationError(f"order {order_id} already exists")
-    await conn.executemany(
-        "INSERT INTO order_items (order_id, line_no, product_id, product_name, quantity,"
-        " unit_price) VALUES ($1, $2, $3, $4, $5, $6)",
-        [
-            (
-                order_id,
-                n,
-                uuid.UUID(line.product_id),
-                line.product_name,
-                line.quantity,
-                line.unit_price,
-            )
-            for n, line in enumerate(lines, start=1)
-        ],
-    )
     event = OrderCreated(
         order_id=str(order_id),
         customer_id=str(cmd.customer_id),
-        customer_name=customer["name"],
+        customer_name=customer["customer_name"],
         customer_email=customer["email"],
         items=[
             OrderLine(
@@ -172,11 +182,26 @@ async def create_order(work: UnitOfWork, cmd: CreateOrder) -> tuple[str, int]:
     return str(order_id), 1
 
 
-async def _load_order(
-    conn: Connection, order_id: uuid.UUID, expected: int | None
-) -> asyncpg.Record:
+async def _change_order(
+    conn: Connection, order_id: uuid.UUID, expected: int | None, changes: dict[str, Any]
+) -> tuple[asyncpg.Record, int]:
+    """Read the order and write ``changes`` in one statement; the row read, the new version.
+
+    The read (``old``) and the update share the statement's snapshot, and the
+    update is conditioned on the version read, so this is the optimistic check
+    of the module docstring in one round trip. The caller checks the rules on
+    the row read *after* the write: a refusal raises, and the transaction,
+    with the write, is rolled back.
+    """
+    columns = list(changes)
+    assignments = ", ".join(f"{col} = ${n}" for n, col in enumerate(columns, start=2))
     row = await conn.fetchrow(
-        "SELECT status, version, customer_id, total FROM orders WHERE id = $1", order_id
+        "WITH old AS (SELECT status, version, customer_id, total FROM orders WHERE id = $1),"
+        f" saved AS (UPDATE orders o SET {assignments}, version = o.version + 1 FROM old"
+        " WHERE o.id = $1 AND o.version = old.version RETURNING o.version)"
+        " SELECT old.*, (SELECT count(*) FROM saved) AS saved FROM old",
+        order_id,
+        *changes.values(),
     )
     if row is None:
         raise NotFoundError("order", str(order_id))
@@ -184,26 +209,15 @@ async def _load_order(
         raise ConflictError(
             f"order {order_id} is at version {row['version']}, not {expected}", str(order_id)
         )
-    return row
+    return row, row["version"] + 1
 
 
-async def _save_order(
-    conn: Connection, order_id: uuid.UUID, read_version: int, changes: dict[str, Any]
-) -> int:
-    """Write ``changes`` if the order is still at ``read_version``; the new version."""
-    columns = list(changes)
-    assignments = ", ".join(f"{col} = ${n}" for n, col in enumerate(columns, start=3))
-    status = await conn.execute(
-        f"UPDATE orders SET {assignments}, version = version + 1 WHERE id = $1 AND version = $2",
-        order_id,
-        read_version,
-        *changes.values(),
-    )
-    if status != "UPDATE 1":
+def _saved(row: asyncpg.Record, order_id: uuid.UUID) -> None:
+    """Refuse if a concurrent command changed the order after it was read."""
+    if row["saved"] != 1:
         raise ConflictError(
             f"order {order_id} was changed by a concurrent command; reload and retry", str(order_id)
         )
-    return read_version + 1
 
 
 _STATUS_TIMESTAMP = {
@@ -222,16 +236,16 @@ async def _transition(
     extra: dict[str, Any] | None = None,
 ) -> tuple[str, int]:
     """Move an order to ``target`` if the rules allow it; ``build`` makes the event."""
-    row = await _load_order(work.conn, cmd.order_id, cmd.expected_version)
-    current = OrderStatus(row["status"])
-    check_transition(str(cmd.order_id), current, target)
     changes = {
         "status": target.value,
         "updated_at": work.occurred_at,
         _STATUS_TIMESTAMP[target]: work.occurred_at,
         **(extra or {}),
     }
-    version = await _save_order(work.conn, cmd.order_id, row["version"], changes)
+    row, version = await _change_order(work.conn, cmd.order_id, cmd.expected_version, changes)
+    current = OrderStatus(row["status"])
+    check_transition(str(cmd.order_id), current, target)
+    _saved(row, cmd.order_id)
     common = {
         "order_id": str(cmd.order_id),
         "customer_id": str(row["customer_id"]),
@@ -269,21 +283,17 @@ async def cancel_order(work: UnitOfWork, cmd: CancelOrder) -> tuple[str, int]:
 
 
 async def change_shipping_address(work: UnitOfWork, cmd: ChangeShippingAddress) -> tuple[str, int]:
-    row = await _load_order(work.conn, cmd.order_id, cmd.expected_version)
-    check_address_change(str(cmd.order_id), OrderStatus(row["status"]))
     address = cmd.shipping_address
-    version = await _save_order(
-        work.conn,
-        cmd.order_id,
-        row["version"],
-        {
-            "street": address.street,
-            "city": address.city,
-            "postal_code": address.postal_code,
-            "country": address.country,
-            "updated_at": work.occurred_at,
-        },
-    )
+    changes = {
+        "street": address.street,
+        "city": address.city,
+        "postal_code": address.postal_code,
+        "country": address.country,
+        "updated_at": work.occurred_at,
+    }
+    row, version = await _change_order(work.conn, cmd.order_id, cmd.expected_version, changes)
+    check_address_change(str(cmd.order_id), OrderStatus(row["status"]))
+    _saved(row, cmd.order_id)
     event = ShippingAddressChanged(order_id=str(cmd.order_id), shipping_address=address)
     work.record("order", str(cmd.order_id), version, event)
     return str(cmd.order_id), version

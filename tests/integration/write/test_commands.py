@@ -16,9 +16,11 @@ from engine import (
     ConflictError,
     NotFoundError,
     RuleViolationError,
+    Settings,
     ValidationFailedError,
     validate_command,
 )
+from engine.postgres import outbox
 from projections.orders import (
     CancelOrder,
     ChangeShippingAddress,
@@ -31,6 +33,7 @@ from projections.orders import (
     ShipOrder,
 )
 from tests.helpers import ADDRESS, new_customer, new_order, new_product
+from tests.integration.read.generation_kit import order_created
 
 
 async def _log(pool: asyncpg.Pool) -> list[asyncpg.Record]:
@@ -178,11 +181,10 @@ async def test_a_repeated_command_returns_the_first_result_and_records_nothing(
     first = await bus.execute(confirm)
     again = await bus.execute(confirm)
     assert again.duplicate and not first.duplicate
-    assert (again.aggregate_id, again.version, again.position) == (
-        first.aggregate_id,
-        first.version,
-        first.position,
-    )
+    # The stored result (built by the append statement) is the one returned the first time.
+    assert again.model_dump(exclude={"duplicate"}) == first.model_dump(exclude={"duplicate"})
+    assert first.event_types == ["OrderConfirmed"]
+    assert first.position == await pool.fetchval("SELECT max(position) FROM engine_event_log")
     assert await pool.fetchval("SELECT count(*) FROM engine_event_log") == 4
 
 
@@ -227,3 +229,30 @@ async def test_expected_version_mismatch_is_a_conflict(bus: CommandBus) -> None:
     await bus.execute(ConfirmOrder(order_id=order, expected_version=1))
     with pytest.raises(ConflictError, match="version 2, not 1"):
         await bus.execute(CancelOrder(order_id=order, reason="x", expected_version=1))
+
+
+async def test_the_relay_is_woken_by_commits_only(
+    bus: CommandBus, pool: asyncpg.Pool, settings_for_test: Settings
+) -> None:
+    # The notification is sent inside the append statement: Postgres holds it until
+    # the transaction commits and drops it on rollback.
+    listener = await asyncpg.connect(settings_for_test.postgres.dsn())
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener(
+        outbox.NOTIFY_CHANNEL, lambda _conn, _pid, channel, _payload: heard.put_nowait(channel)
+    )
+    try:
+        async with pool.acquire() as conn:
+            with pytest.raises(RuntimeError):
+                async with conn.transaction():
+                    await outbox.append(conn, [order_created(str(uuid.uuid4()))])
+                    raise RuntimeError("roll back")
+        await new_customer(bus)
+        # Notifications arrive in commit order: had the rolled-back one been sent, it
+        # would be first; a round trip on the listener delivers anything pending.
+        assert await asyncio.wait_for(heard.get(), timeout=10) == outbox.NOTIFY_CHANNEL
+        await listener.fetchval("SELECT 1")
+        assert heard.empty()
+    finally:
+        await listener.close()
+    assert await pool.fetchval("SELECT count(*) FROM engine_event_log") == 1
