@@ -51,6 +51,8 @@ class Sizes:
     query_events: int = 30_000
     query_duration: float = 5.0
     query_concurrency: int = 16
+    # `engine api --workers N` wherever a benchmark runs the API (queries, lag, commands).
+    api_workers: int = 1
     # The issue asks for 1,000,000; rebuilding five projections from that many
     # takes about 12 minutes here on its own (see notes), so the default is smaller.
     rebuild_events: int = 100_000
@@ -131,7 +133,11 @@ async def _run(
             ),
             folder,
         ),
-        "lag": lambda: run_lag(settings, LagConfig(sizes.rate, sizes.duration), folder),
+        "lag": lambda: run_lag(
+            settings,
+            LagConfig(sizes.rate, sizes.duration, api_workers=sizes.api_workers),
+            folder,
+        ),
         "relay": lambda: run_relay(
             settings,
             RelayConfig(sizes.relay_events, sizes.relay_rate, sizes.relay_duration),
@@ -139,13 +145,24 @@ async def _run(
         ),
         "queries": lambda: run_queries(
             settings,
-            QueriesConfig(sizes.query_events, sizes.query_duration, sizes.query_concurrency),
+            QueriesConfig(
+                sizes.query_events,
+                sizes.query_duration,
+                sizes.query_concurrency,
+                api_workers=sizes.api_workers,
+                profile=profile,
+            ),
             folder,
         ),
         "rebuild": lambda: run_rebuild(settings, RebuildConfig(sizes.rebuild_events), folder),
         "commands": lambda: run_commands(
             settings,
-            CommandsConfig(sizes.command_orders, sizes.command_concurrency, profile=profile),
+            CommandsConfig(
+                sizes.command_orders,
+                sizes.command_concurrency,
+                profile=profile,
+                api_workers=sizes.api_workers,
+            ),
             folder,
         ),
     }
@@ -220,6 +237,12 @@ def main(  # noqa: PLR0917 - one option per size, as the issue asks
     command_concurrency: Annotated[
         int | None, typer.Option(min=1, help="Commands: concurrent clients [16].")
     ] = None,
+    api_workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="engine api --workers N in the queries, lag and commands runs [1]."
+        ),
+    ] = None,
     only: Annotated[
         list[str] | None,
         typer.Option(help=f"Run only this benchmark (repeatable): {', '.join(BENCHMARKS)}."),
@@ -230,8 +253,8 @@ def main(  # noqa: PLR0917 - one option per size, as the issue asks
     profile: Annotated[
         bool,
         typer.Option(
-            help="Profile the daemon of the throughput run, and the bus and the API of the"
-            " commands run, with pyinstrument."
+            help="Profile with pyinstrument: the daemon of the throughput run, the bus and"
+            " the API of the commands run, the API of the queries run."
         ),
     ] = False,
     out: Annotated[Path, typer.Option(help="Where the results folder goes.")] = Path(
@@ -257,6 +280,7 @@ def main(  # noqa: PLR0917 - one option per size, as the issue asks
         "rebuild_events": rebuild_events,
         "command_orders": command_orders,
         "command_concurrency": command_concurrency,
+        "api_workers": api_workers,
     }
     if workers is not None:
         given["workers"] = tuple(sorted({n for n in workers if n > 1}))

@@ -77,6 +77,7 @@ class CommandsConfig:
     customers: int = 200
     seed: int = 13
     profile: bool = False
+    api_workers: int = 1  # `engine api --workers`; the profiled API always runs one
 
 
 @dataclass(frozen=True)
@@ -332,7 +333,8 @@ async def run_commands(base: Settings, config: CommandsConfig, out: Path) -> dic
         logs = out / "logs"
         quiet = ["--log-level", "warning"]
         session = out / "profile-api.pyisession"
-        api_args = ["api", *quiet] + (["--workers", "1"] if profiled else [])
+        workers = 1 if profiled else config.api_workers
+        api_args = ["api", *quiet, "--workers", str(workers)]
         api = await start_engine(
             env, api_args, logs, "api", prefix=profiling.prefix(session) if profiled else ()
         )
@@ -375,7 +377,8 @@ async def run_commands(base: Settings, config: CommandsConfig, out: Path) -> dic
         "sides": figures,
         "api_errors": client.errors,
         "ratios": ratios(figures),
-        "api_peak_rss_mb": mb(api.peak_rss),
+        "api_workers": workers,
+        "api_peak_rss_mb": mb(api.peak_rss if workers == 1 else api.peak_worker_rss),
         "profiled": profiled,
     }
     if profiled:

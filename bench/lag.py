@@ -67,6 +67,7 @@ class LagConfig:
     customers: int = 300
     max_in_flight: int = 400
     seed: int = 11
+    api_workers: int = 1  # `engine api --workers`
 
 
 def request_for(command: Command) -> tuple[str, str, dict[str, Any]]:
@@ -187,7 +188,7 @@ async def run_lag(base: Settings, config: LagConfig, out: Path) -> dict[str, Any
     async with isolated(base, "lag") as env, open_resources(env.settings) as resources:
         say(f"lag: {config.rate:g} commands/s for {config.duration_s:g}s through the API")
         registered = await _register(resources, plan)
-        processes = await _start(env, out)
+        processes = await _start(env, out, config.api_workers)
         try:
             await _ready(env, resources, processes, registered)
             result = await _measure(env, resources, plan, config)
@@ -195,6 +196,7 @@ async def run_lag(base: Settings, config: LagConfig, out: Path) -> dict[str, Any
             for process in processes.values():
                 await process.stop()
         result["search_refresh"] = search_refresh(env.settings)
+        result["api_workers"] = config.api_workers
         result["peak_rss_mb"] = {name: mb(p.peak_rss) for name, p in processes.items()}
         result["cpu_s"] = {name: round(p.cpu_s, 2) for name, p in processes.items()}
         result["daemon_peak_rss_mb"] = result["peak_rss_mb"]["daemon"]
@@ -202,13 +204,14 @@ async def run_lag(base: Settings, config: LagConfig, out: Path) -> dict[str, Any
     return result
 
 
-async def _start(env: Isolated, out: Path) -> dict[str, EngineProcess]:
+async def _start(env: Isolated, out: Path, api_workers: int) -> dict[str, EngineProcess]:
     logs = out / "logs"
     quiet = ["--log-level", "warning"]
+    api = ["api", *quiet, "--workers", str(api_workers)]
     return {
         "daemon": await start_engine(env, ["run", *quiet], logs, "daemon"),
         "relay": await start_engine(env, ["relay", *quiet], logs, "relay"),
-        "api": await start_engine(env, ["api", *quiet], logs, "api"),
+        "api": await start_engine(env, api, logs, "api"),
     }
 
 

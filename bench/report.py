@@ -29,6 +29,9 @@ SEARCH_LAG_P99_MS = 500.0
 # the daemon running.
 COMMANDS_CEILING_SHARE = 0.5
 COMMANDS_PER_S = 1000.0
+# Queries (issue 13, item 3): through the API against the bare store call, same data
+# and concurrency, as a share of the raw rate.
+QUERY_SHARES = {"quick_lookup": 0.4, "order_details": 0.4, "search": 0.8}
 
 
 def fmt(value: Any, digits: int = 0) -> str:
@@ -86,6 +89,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         found.append(_search_target(benches["lag"]))
     if "commands" in benches:
         found += _command_targets(benches["commands"])
+    if "queries" in benches:
+        found += _query_targets(benches["queries"])
     peaks = daemon_peaks(results)
     if peaks:
         worst = max(peaks.values())
@@ -131,6 +136,32 @@ def _search_target(lag: dict[str, Any]) -> dict[str, Any]:
         p99,
         p99 < SEARCH_LAG_P99_MS if sustained else None,
     )
+
+
+def _query_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    found = []
+    workers = result.get("api_workers", 1)
+    at = f"at {result['concurrency']} clients, {workers} API worker{'s' if workers > 1 else ''}"
+    for name, share in QUERY_SHARES.items():
+        sides = result["queries"].get(name)
+        if sides is None:
+            continue
+        value = query_ratio(sides)
+        found.append(
+            _target(
+                f"{name}: API / raw store call (req/s)",
+                f">= {share:g} {at}",
+                value,
+                None if value is None else value >= share,
+            )
+        )
+    return found
+
+
+def query_ratio(sides: dict[str, Any]) -> float | None:
+    """API requests/s over the raw call's, or None when the raw side served nothing."""
+    raw = sides["raw"]["requests_per_s"]
+    return round(sides["api"]["requests_per_s"] / raw, 3) if raw else None
 
 
 def _command_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -342,16 +373,34 @@ def _queries(result: dict[str, Any]) -> str:
                 fmt(raw["requests_per_s"]),
                 fmt(raw["p50"], 2),
                 fmt(raw["p99"], 2),
+                fmt(query_ratio(sides), 2),
             ]
         )
-    headers = ["query", "API req/s", "API p50 ms", "API p99 ms", "raw req/s", "raw p50", "raw p99"]
-    return "\n\n".join(
-        [
-            f"## 4. Queries ({result['concurrency']} concurrent clients, "
-            f"{result['orders']:,} orders)",
-            table(headers, rows),
-        ]
-    )
+    headers = [
+        "query",
+        "API req/s",
+        "API p50 ms",
+        "API p99 ms",
+        "raw req/s",
+        "raw p50",
+        "raw p99",
+        "API / raw",
+    ]
+    workers = result.get("api_workers", 1)
+    parts = [
+        f"## 4. Queries ({result['concurrency']} concurrent clients, "
+        f"{result['orders']:,} orders, {workers} API worker{'s' if workers > 1 else ''})",
+        table(headers, rows),
+    ]
+    if result.get("profiled"):
+        parts.append("The API ran under pyinstrument: its figures are slower than unprofiled.")
+    profile = result.get("profile") or {}
+    if profile.get("flat_top"):
+        lines = "\n".join(profile["flat_top"][:30])
+        parts.append(
+            f"API profile, top by own time ({profile.get('html_report')}):\n\n```\n{lines}\n```"
+        )
+    return "\n\n".join(parts)
 
 
 def _rebuild(result: dict[str, Any]) -> str:
