@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from engine.api.context import ApiContext, open_api_context
 from engine.api.errors import install_error_handlers
 from engine.api.limits import BodyLimit
+from engine.api.openapi import error_responses, install_openapi
 from engine.api.security import READER
 from engine.application import Application
 from engine.settings import Settings
@@ -40,6 +41,8 @@ def create_app(settings: Settings, application: Application) -> FastAPI:
         "projections (PostgreSQL views, Redis, Elasticsearch). Every command answers with a "
         "consistency_token: pass it to a query to read your own write.",
         lifespan=lifespan,
+        # Operation ids are the endpoints' function names: stable, and what links name.
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.settings = settings
     install_error_handlers(app)
@@ -54,6 +57,7 @@ def create_app(settings: Settings, application: Application) -> FastAPI:
         tags=["engine"],
         summary="Per projection: position, lag, dead letters, last error; the outbox",
         dependencies=[READER],
+        responses=error_responses(503),
     )
     async def status(request: Request) -> EngineStatus:
         context: ApiContext = request.app.state.context
@@ -61,4 +65,5 @@ def create_app(settings: Settings, application: Application) -> FastAPI:
 
     if application.api is not None:
         app.include_router(application.api())
+    install_openapi(app, settings)
     return app

@@ -27,6 +27,7 @@ from typing import Any
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.drivers import (
@@ -57,7 +58,41 @@ log = logging.getLogger("engine.api")
 RETRY_AFTER_S = "1"
 
 
+class FieldProblem(BaseModel):
+    """One problem of a request that failed validation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    field: str
+    message: str
+    type: str
+
+
+class ApiError(BaseModel):
+    """The body of every error answer (what :func:`error_body` builds).
+
+    ``error`` is the stable code to branch on; ``message`` is for people. The
+    other members appear only when they apply.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: str
+    message: str
+    # The input at fault (422), e.g. ``body.price`` or ``consistency_token``.
+    field: str | None = None
+    # Every problem found, for a request that failed validation (422).
+    errors: list[FieldProblem] | None = None
+    # What a refused rule is about, e.g. both states of a refused transition (409).
+    details: dict[str, str] | None = None
+    # The projection a read waited for (503 not_yet_consistent, write_dead_lettered).
+    projection: str | None = None
+    # The dead letter to replay (503 write_dead_lettered).
+    dead_letter: int | None = None
+
+
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    """An :class:`ApiError` as JSON; members that do not apply are left out."""
     return {"error": code, "message": message, **{k: v for k, v in extra.items() if v}}
 
 

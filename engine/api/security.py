@@ -9,7 +9,22 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import APIKeyHeader
 from pydantic import SecretStr
 
-_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False)
+# One header, two schemes in the OpenAPI document, so that it says which key an
+# operation needs (engine.api.openapi keeps a scheme only when its key is set).
+WRITER_SCHEME = "WriterKey"
+READER_SCHEME = "ReaderKey"
+_WRITER_KEY = APIKeyHeader(
+    name="X-API-Key",
+    scheme_name=WRITER_SCHEME,
+    description="The writer key (ENGINE_API__WRITER_KEY): commands, and queries too.",
+    auto_error=False,
+)
+_READER_KEY = APIKeyHeader(
+    name="X-API-Key",
+    scheme_name=READER_SCHEME,
+    description="The reader key (ENGINE_API__READER_KEY), or the writer key: queries.",
+    auto_error=False,
+)
 
 
 def _matches(given: str | None, *keys: SecretStr | None) -> bool:
@@ -23,7 +38,7 @@ def _matches(given: str | None, *keys: SecretStr | None) -> bool:
 
 
 async def require_writer(
-    request: Request, key: Annotated[str | None, Depends(_KEY_HEADER)] = None
+    request: Request, key: Annotated[str | None, Depends(_WRITER_KEY)] = None
 ) -> None:
     api = request.app.state.settings.api
     if api.writer_key is not None and not _matches(key, api.writer_key):
@@ -34,7 +49,7 @@ async def require_writer(
 
 
 async def require_reader(
-    request: Request, key: Annotated[str | None, Depends(_KEY_HEADER)] = None
+    request: Request, key: Annotated[str | None, Depends(_READER_KEY)] = None
 ) -> None:
     api = request.app.state.settings.api
     if api.reader_key is not None and not _matches(key, api.reader_key, api.writer_key):
