@@ -95,7 +95,13 @@ def _assert_relay(figures: dict[str, Any]) -> None:
 
 
 def _assert_queries(figures: dict[str, Any]) -> None:
-    assert set(figures["queries"]) == {"quick_lookup", "order_details", "search"}
+    assert set(figures["queries"]) == {
+        "quick_lookup",
+        "order_details",
+        "customer_orders",
+        "orders_by_status",
+        "search",
+    }
     for name, sides in figures["queries"].items():
         for side in ("api", "raw"):
             assert sides[side]["requests_per_s"] > 0, (name, side)
