@@ -156,7 +156,7 @@ async def _request_validation(_request: Request, exc: Exception) -> JSONResponse
     )
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     """Starlette's own errors (unknown route, wrong method, missing key) in the same shape."""
     assert isinstance(exc, StarletteHTTPException)
     message = str(exc.detail)
@@ -166,6 +166,13 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     name = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
     response = _answer(exc.status_code, error_body(name, message))
     response.headers.update(exc.headers or {})
+    if exc.status_code == 405:
+        # Every method of the path, not only those of the route that matched first.
+        from engine.api.openapi import allowed_methods  # noqa: PLC0415 - it imports this module
+
+        methods = allowed_methods(request.app.openapi(), request.url.path)
+        if methods:
+            response.headers["Allow"] = ", ".join(methods)
     return response
 
 

@@ -231,6 +231,28 @@ def openapi_document(app: FastAPI, settings: Settings) -> dict[str, Any]:
     return document
 
 
+def allowed_methods(document: dict[str, Any], path: str) -> list[str]:
+    """The methods the document lists for ``path`` (``Allow`` on a 405), sorted.
+
+    Starlette answers 405 with the methods of the first route that matched the
+    path only; GET /orders and POST /orders live in two routers, so it would
+    name one of them. The document names both.
+    """
+    methods: set[str] = set()
+    for template, item in document.get("paths", {}).items():
+        if _template_regex(template).fullmatch(path):
+            methods.update(method.upper() for method in item)
+    return sorted(methods)
+
+
+@cache
+def _template_regex(template: str) -> re.Pattern[str]:
+    parts = re.split(r"(\{[^}]+\})", template)
+    return re.compile(
+        "".join("[^/]+" if part.startswith("{") else re.escape(part) for part in parts)
+    )
+
+
 def install_openapi(app: FastAPI, settings: Settings) -> None:
     """Serve :func:`openapi_document` as ``/openapi.json`` (built once, on first request)."""
 

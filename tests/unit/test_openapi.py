@@ -18,7 +18,7 @@ from pydantic import SecretStr, ValidationError
 
 from engine import ConsistencyToken, Settings, ValidationFailedError
 from engine.api import create_app
-from engine.api.openapi import MAX_POSITION, NO_NUL, token_pattern
+from engine.api.openapi import MAX_POSITION, NO_NUL, allowed_methods, token_pattern
 from projections.orders import APP
 from projections.orders.commands import PRICE_PATTERN, TEXT_PATTERN, RegisterProduct
 
@@ -223,3 +223,19 @@ def test_a_price_is_accepted_exactly_when_the_schema_allows_it(price: object) ->
     except ValidationError:
         accepted = False
     assert accepted == allowed, (price, schema)
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ("/orders", ["GET", "POST"]),
+        ("/orders/0e4c61b0-8a3e-4a40-9a8a-2b8f1c1a3e10", ["GET"]),
+        ("/orders/x/confirm", ["POST"]),
+        ("/orders/x/shipping-address", ["PUT"]),
+        ("/nowhere", []),
+    ],
+)
+def test_allow_names_every_method_the_document_lists_for_a_path(
+    document: dict[str, Any], path: str, allowed: list[str]
+) -> None:
+    assert allowed_methods(document, path) == allowed
