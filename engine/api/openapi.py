@@ -30,9 +30,18 @@ falls short of that; the gaps are closed in one place, here:
   own gets :data:`NO_NUL`; an application's own patterns (see
   ``projections/orders/commands.py``) exclude NUL themselves.
 
+- **Formats.** What the server parses is what the schema states: an
+  application writes its constraints as patterns every regex dialect reads the
+  same (ECMA for clients, Rust for pydantic, Python), e.g. a price is a string
+  with at most 2 decimals or a whole number, never a float.
+- **Allow.** A 405 names every method the document lists for the path
+  (:func:`allowed_methods`), not only those of the route Starlette tried first.
+
 What JSON Schema cannot say (a rule between two parameters, such as a date
-range's end not before its start) is written in the operation's description
-and declared as a possible 422.
+range's end not before its start, or a cursor that must be one the API issued)
+is written in the operation's description and declared as a possible 422.
+
+``tests/integration/api/test_schemathesis.py`` holds the server to all of it.
 """
 
 from __future__ import annotations
