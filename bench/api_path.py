@@ -12,6 +12,12 @@ uvicorn's part, measured by the HTTP benchmark.
 It fills a private environment with a few hundred orders (commands through the
 bus, published and projected), then times ``--requests`` of each query.
 ``--profile`` prints cProfile's top functions by own time for the API side.
+
+CPU time on a machine shared with the stores still moves by a fifth from run
+to run, so where Linux lets a process count its own instructions
+(``perf_event_open``, ``kernel.perf_event_paranoid`` <= 2) the report also
+gives thousands of user-space instructions per call: the same code gives the
+same count within a percent or two, whatever else runs.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import ctypes
+import os
 import pstats
 import random
 import time
@@ -36,6 +44,49 @@ from projections.orders.search import build_search_body, parse_search_query
 from projections.orders.wiring import quick_lookup_prefix, search_alias
 
 Call = Callable[[], Awaitable[Any]]
+
+_PERF_EVENT_OPEN = 298  # x86_64 syscall number
+_EXCLUDE_KERNEL_AND_HV = (1 << 5) | (1 << 6)
+
+
+class _Attr(ctypes.Structure):
+    """``struct perf_event_attr`` up to its first published size (64 bytes)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("size", ctypes.c_uint32),
+        ("config", ctypes.c_uint64),
+        ("sample_period", ctypes.c_uint64),
+        ("sample_type", ctypes.c_uint64),
+        ("read_format", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+        ("wakeup_events", ctypes.c_uint32),
+        ("bp_type", ctypes.c_uint32),
+        ("bp_addr", ctypes.c_uint64),
+    ]
+
+
+class Instructions:
+    """This thread's user-space instructions retired, counted by the kernel."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    @classmethod
+    def open(cls) -> Instructions | None:
+        """A counter, or None where the kernel does not allow one (or is not x86_64 Linux)."""
+        if os.uname().machine != "x86_64":
+            return None
+        attr = _Attr(type=0, size=ctypes.sizeof(_Attr), config=1, flags=_EXCLUDE_KERNEL_AND_HV)
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.syscall(_PERF_EVENT_OPEN, ctypes.byref(attr), 0, -1, -1, 0)
+        return cls(fd) if fd >= 0 else None
+
+    def read(self) -> int:
+        return int.from_bytes(os.read(self._fd, 8), "little")
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class _Asgi:
@@ -110,21 +161,27 @@ async def _fill(settings: Settings, orders: int, seed: int) -> tuple[list[str], 
     return ids, customers
 
 
-async def _cpu_per_call(call: Call, requests: int, rounds: int = 5) -> float:
-    """Microseconds of this process's CPU per call, one call at a time.
+async def _cost_per_call(
+    call: Call, requests: int, counter: Instructions | None, rounds: int = 5
+) -> tuple[float, float | None]:
+    """Microseconds of this process's CPU, and thousands of instructions, per call.
 
-    The best of ``rounds`` rounds: on a machine shared with the stores, other
-    processes only ever add to a round's figure (cache and frequency effects).
+    One call at a time. The best of ``rounds`` rounds: on a machine shared with
+    the stores, other processes only ever add to a round's figure.
     """
     for _ in range(min(50, requests)):  # warm: connections, prepared statements, caches
         await call()
-    best = float("inf")
+    best, fewest = float("inf"), float("inf")
+    per_round = max(1, requests // rounds)
     for _ in range(rounds):
+        instructions = counter.read() if counter else 0
         started = time.process_time()
-        for _ in range(requests // rounds):
+        for _ in range(per_round):
             await call()
-        best = min(best, (time.process_time() - started) / (requests // rounds) * 1e6)
-    return best
+        best = min(best, (time.process_time() - started) / per_round * 1e6)
+        if counter:
+            fewest = min(fewest, (counter.read() - instructions) / per_round / 1000)
+    return best, (fewest if counter else None)
 
 
 async def run(requests: int, orders: int, profile: bool) -> None:
@@ -172,14 +229,24 @@ async def run(requests: int, orders: int, profile: bool) -> None:
                     lambda: raw.elasticsearch.search(index=alias, body=search_body),
                 ),
             }
-            print(f"{'query':>16} {'API us CPU':>11} {'raw us CPU':>11} {'raw/API':>8}")
-            for name, (through_api, bare) in pairs.items():
-                api_us = await _cpu_per_call(through_api, requests)
-                if bare is None:
-                    print(f"{name:>16} {api_us:11.0f} {'-':>11} {'-':>8}")
-                    continue
-                raw_us = await _cpu_per_call(bare, requests)
-                print(f"{name:>16} {api_us:11.0f} {raw_us:11.0f} {raw_us / api_us:8.2f}")
+            counter = Instructions.open()
+            print(
+                f"{'query':>16} {'API us CPU':>11} {'raw us CPU':>11} {'raw/API':>8}"
+                f" {'API kinstr':>11} {'raw kinstr':>11} {'raw/API':>8}"
+            )
+            try:
+                for name, (through_api, bare) in pairs.items():
+                    api_us, api_ki = await _cost_per_call(through_api, requests, counter)
+                    raw_us, raw_ki = (
+                        await _cost_per_call(bare, requests, counter) if bare else (None, None)
+                    )
+                    print(
+                        f"{name:>16} {api_us:11.0f} {_fmt(raw_us)} {_share(raw_us, api_us)}"
+                        f" {_fmt(api_ki)} {_fmt(raw_ki)} {_share(raw_ki, api_ki)}"
+                    )
+            finally:
+                if counter:
+                    counter.close()
             if profile:
                 profiler = cProfile.Profile()
                 profiler.enable()
@@ -188,6 +255,14 @@ async def run(requests: int, orders: int, profile: bool) -> None:
                         await pairs[name][0]()
                 profiler.disable()
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(35)
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:11.0f}" if value is not None else f"{'-':>11}"
+
+
+def _share(part: float | None, whole: float | None) -> str:
+    return f"{part / whole:8.2f}" if part is not None and whole else f"{'-':>8}"
 
 
 def main() -> None:
