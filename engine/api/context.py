@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
-from typing import Annotated
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
 
 import asyncpg
 from fastapi import Header, Query, Request
@@ -19,6 +19,8 @@ from engine.postgres.pool import create_pool
 from engine.resources import Resources, open_resources
 from engine.settings import Settings, env_var
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class ApiContext:
@@ -30,6 +32,22 @@ class ApiContext:
     # The read side: ``pool`` here is the read-only role's pool.
     reads: Resources
     gate: ConsistencyGate
+    # What an application builds once from the context (its query objects): see memo.
+    _memo: dict[Callable[[ApiContext], Any], Any] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def memo(self, build: Callable[[ApiContext], T]) -> T:
+        """``build(self)``, made on the first call and kept for this process's life.
+
+        For the objects an application's endpoints would otherwise build on every
+        request from the same connections (query handlers, script registrations).
+        """
+        try:
+            value: T = self._memo[build]
+        except KeyError:
+            value = self._memo[build] = build(self)
+        return value
 
     def token_for(self, result: CommandResult) -> str | None:
         token = ConsistencyToken.of(result, self.settings.kafka.partitions)

@@ -140,6 +140,10 @@ def _order_command(kind: type[C], order_id: UUID, body: _Body) -> C:
 
 
 def _queries(ctx: ApiContext) -> OrdersQueries:
+    return ctx.memo(_build_queries)
+
+
+def _build_queries(ctx: ApiContext) -> OrdersQueries:
     reads = ctx.reads
     return OrdersQueries(
         pool=reads.pool,
@@ -212,9 +216,12 @@ def build_router() -> APIRouter:
     _command_routes(commands)
     queries = APIRouter(tags=["queries"], dependencies=[READER])
     _query_routes(queries)
+    # One flat router: each route already carries its tag and key dependency (an
+    # APIRouter applies its own when a route is added). Nested includes would match
+    # every request against each level's routes again (FastAPI's included routers
+    # are matched lazily, per request); the queries come first, being the most asked.
     router = APIRouter()
-    router.include_router(commands)
-    router.include_router(queries)
+    router.routes.extend([*queries.routes, *commands.routes])
     return router
 
 
