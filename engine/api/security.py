@@ -13,6 +13,8 @@ from starlette.requests import HTTPConnection
 # operation needs (engine.api.openapi keeps a scheme only when its key is set).
 WRITER_SCHEME = "WriterKey"
 READER_SCHEME = "ReaderKey"
+
+
 def _matches(given: str | None, *keys: SecretStr | None) -> bool:
     # compare_digest on every configured key: the time taken does not tell which matched.
     results = [
