@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
+import socket
 import sys
 import uuid
 from decimal import Decimal
+from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
 
@@ -180,3 +183,20 @@ async def start_engine(*args: str, env: dict[str, str]) -> asyncio.subprocess.Pr
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def child_pids(pid: int) -> set[int]:
+    """The pids of ``pid``'s children (from /proc); empty once it has exited."""
+    found: set[int] = set()
+    with contextlib.suppress(FileNotFoundError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found.update(int(c) for c in (task / "children").read_text().split())
+    return found

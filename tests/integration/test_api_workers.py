@@ -23,25 +23,10 @@ import httpx
 import pytest
 
 from engine import Resources, Settings
-from tests.helpers import run_engine, settings_env
+from tests.helpers import child_pids, free_port, run_engine, settings_env
 from tests.integration.read.faults import wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _children(pid: int) -> set[int]:
-    found: set[int] = set()
-    with contextlib.suppress(FileNotFoundError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            found.update(int(c) for c in (task / "children").read_text().split())
-    return found
 
 
 def _exists(pid: int) -> bool:
@@ -69,7 +54,7 @@ async def _api(tmp_path: Path, env: dict[str, str]) -> AsyncIterator[asyncio.sub
         yield process
     finally:
         if process.returncode is None:
-            workers = _children(process.pid)
+            workers = child_pids(process.pid)
             process.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(process.wait(), 40)
@@ -94,12 +79,12 @@ async def wait_until_healthy(client: httpx.AsyncClient, timeout_s: float = 60) -
 async def test_two_workers_share_the_port_survive_a_killed_one_and_stop_cleanly(
     settings_for_test: Settings, pool: asyncpg.Pool, resources: Resources, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**settings_env(settings_for_test), "ENGINE_API__PORT": str(port)}
     base = f"http://127.0.0.1:{port}"
     async with _api(tmp_path, env) as supervisor:
-        await wait_for(lambda: len(_children(supervisor.pid)) == 2, "two workers", 60)
-        first, second = sorted(_children(supervisor.pid))
+        await wait_for(lambda: len(child_pids(supervisor.pid)) == 2, "two workers", 60)
+        first, second = sorted(child_pids(supervisor.pid))
         # Each worker alone (the other stopped) answers new connections: they share the port.
         for serving, stopped in ((second, first), (first, second)):
             os.kill(stopped, signal.SIGSTOP)
@@ -119,10 +104,10 @@ async def test_two_workers_share_the_port_survive_a_killed_one_and_stop_cleanly(
             # The other worker answers at once; the supervisor starts a replacement.
             assert (await client.get("/health")).status_code == 200
             await wait_for(
-                lambda: len(_children(supervisor.pid) - {second}) == 1, "a new worker", 30
+                lambda: len(child_pids(supervisor.pid) - {second}) == 1, "a new worker", 30
             )
-            assert second in _children(supervisor.pid)
-            replacement = (_children(supervisor.pid) - {second}).pop()
+            assert second in child_pids(supervisor.pid)
+            replacement = (child_pids(supervisor.pid) - {second}).pop()
             os.kill(second, signal.SIGSTOP)
             try:
                 await wait_until_healthy(client)  # the replacement serves
@@ -130,7 +115,7 @@ async def test_two_workers_share_the_port_survive_a_killed_one_and_stop_cleanly(
                 os.kill(second, signal.SIGCONT)
         assert replacement != first
 
-        workers = _children(supervisor.pid)
+        workers = child_pids(supervisor.pid)
         supervisor.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(supervisor.wait(), 40) == 0
         assert not any(_exists(pid) for pid in workers)

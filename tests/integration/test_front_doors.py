@@ -7,7 +7,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -16,23 +15,9 @@ import httpx
 import pytest
 
 from engine import Resources, Settings
-from tests.helpers import run_engine, settings_env
+from tests.helpers import child_pids, free_port, run_engine, settings_env
 
 COMMANDS = ("api", "up", "run", "relay", "status", "rebuild", "dlq", "migrate", "demo", "stack")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _children(pid: int) -> set[int]:
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found.update(int(c) for c in (task / "children").read_text().split())
-    return found
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -91,7 +76,7 @@ async def test_every_command_has_help() -> None:
 async def test_engine_api_serves_commands_queries_and_docs(
     settings_for_test: Settings, pool: asyncpg.Pool, resources: Resources
 ) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**settings_env(settings_for_test), "ENGINE_API__PORT": str(port)}
     process = await _spawn("api", env=env)
     base = f"http://127.0.0.1:{port}"
@@ -116,7 +101,7 @@ async def test_engine_api_refuses_a_read_role_that_cannot_log_in(
     settings_for_test: Settings, pool: asyncpg.Pool
 ) -> None:
     env = {**settings_env(settings_for_test), "ENGINE_READ__PASSWORD": "wrong"}
-    code, _, err = await run_engine("api", "--port", str(_free_port()), env=env)
+    code, _, err = await run_engine("api", "--port", str(free_port()), env=env)
     assert code == 3
     assert "engine_reader" in err and "engine migrate" in err
 
@@ -124,7 +109,7 @@ async def test_engine_api_refuses_a_read_role_that_cannot_log_in(
 async def test_engine_up_with_demo_data_prints_queries_that_work(
     settings_for_test: Settings, pool: asyncpg.Pool, resources: Resources
 ) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**settings_env(settings_for_test), "ENGINE_API__PORT": str(port)}
     process = await _spawn(
         "up", "--demo", "--customers", "10", "--orders", "25", "--api-workers", "2", env=env
@@ -147,8 +132,8 @@ async def test_engine_up_with_demo_data_prints_queries_that_work(
         assert quick.status_code == 200 and quick.json()["source"] == "redis"
         assert search.status_code == 200 and search.json()["total"] > 0
         # --api-workers reached the API: it supervises two server processes.
-        (api,) = [c for c in _children(process.pid) if _cmdline(c)[3:4] == ["api"]]
-        assert len(_children(api)) == 2, [_cmdline(c) for c in _children(api)]
+        (api,) = [c for c in child_pids(process.pid) if _cmdline(c)[3:4] == ["api"]]
+        assert len(child_pids(api)) == 2, [_cmdline(c) for c in child_pids(api)]
     finally:
         code = await _stop(process)
     assert code == 0, (await process.stderr.read()).decode()[-2000:] if process.stderr else ""

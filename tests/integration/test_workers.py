@@ -28,7 +28,7 @@ from engine import CommandBus, OutboxRelay, Resources, Settings
 from engine.lane_state import LaneState
 from engine.status import collect_status
 from projections.orders import APP
-from tests.helpers import run_engine, settings_env
+from tests.helpers import child_pids, run_engine, settings_env
 from tests.integration.folded import assert_stores_equal_the_log
 from tests.integration.read.expected import eventually
 from tests.integration.read.faults import assert_committed_to_the_end, wait_for
@@ -48,14 +48,6 @@ def _env(settings: Settings) -> dict[str, str]:
     }
 
 
-def _children(pid: int) -> set[int]:
-    found: set[int] = set()
-    with contextlib.suppress(FileNotFoundError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            found.update(int(c) for c in (task / "children").read_text().split())
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -73,7 +65,7 @@ class _Supervisor:
         return " ".join(self.log.read_text(errors="replace").split())
 
     def workers(self) -> set[int]:
-        return _children(self.process.pid)
+        return child_pids(self.process.pid)
 
     async def two_workers(self, timeout_s: float = 30) -> set[int]:
         await wait_for(lambda: len(self.workers()) == 2, "two workers", timeout_s)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import httpx
 import pytest
 
 from engine import Resources, Settings
-from tests.helpers import settings_env
+from tests.helpers import free_port, settings_env
 
 ROOT = Path(__file__).resolve().parents[3]
 SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
@@ -38,13 +37,6 @@ SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
 MAX_EXAMPLES = 25
 HOOKS = "tests.integration.api.contract_hooks"
 CONFIG = Path(__file__).with_name("schemathesis.toml")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def _wait_healthy(base: str, engine: asyncio.subprocess.Process) -> None:
@@ -78,7 +70,7 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 async def test_the_api_keeps_its_openapi_contract(
     settings_for_test: Settings, pool: asyncpg.Pool, resources: Resources, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
