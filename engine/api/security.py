@@ -42,7 +42,7 @@ class _KeyCheck(APIKeyHeader):
 
     async def __call__(self, request: HTTPConnection) -> str | None:
         api = request.app.state.settings.api
-        key = request.headers.get("x-api-key")
+        key = request.headers.get(self.model.name)
         if self._writer:
             if api.writer_key is not None and not _matches(key, api.writer_key):
                 raise HTTPException(status.HTTP_401_UNAUTHORIZED, self._refusal)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 from types import FrameType
@@ -79,7 +80,8 @@ def _config(
         log_config=None,  # keep the engine's rich logging
         proxy_headers=False,
         server_header=False,
-        timeout_graceful_shutdown=int(settings.api.graceful_shutdown_s),
+        # uvicorn takes whole seconds: round up, never to zero.
+        timeout_graceful_shutdown=math.ceil(settings.api.graceful_shutdown_s),
         **where,  # type: ignore[arg-type]
     )
 
