@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import os
 import random
+import signal
 import socket
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -200,3 +202,41 @@ def child_pids(pid: int) -> set[int]:
         for task in Path(f"/proc/{pid}/task").iterdir():
             found.update(int(c) for c in (task / "children").read_text().split())
     return found
+
+
+@contextlib.asynccontextmanager
+async def supervised_engine(
+    command: str, workers: int, env: dict[str, str], log: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``engine COMMAND --workers N`` as a subprocess, its output (and its workers') in ``log``.
+
+    On the way out, if it still runs: SIGTERM, at most 40 s, then SIGKILL for it
+    and the workers it had.
+    """
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "engine",
+            command,
+            "--workers",
+            str(workers),
+            "--log-level",
+            "info",
+            env={**os.environ, "COLUMNS": "250", **env},
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            children = child_pids(process.pid)
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 40)
+            except TimeoutError:
+                for pid in (process.pid, *children):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                await process.wait()

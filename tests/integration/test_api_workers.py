@@ -14,8 +14,6 @@ import contextlib
 import os
 import signal
 import socket
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -23,7 +21,7 @@ import httpx
 import pytest
 
 from engine import Resources, Settings
-from tests.helpers import child_pids, free_port, run_engine, settings_env
+from tests.helpers import child_pids, free_port, run_engine, settings_env, supervised_engine
 from tests.integration.read.faults import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -31,38 +29,6 @@ pytestmark = pytest.mark.timeout(120)
 
 def _exists(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
-
-
-@contextlib.asynccontextmanager
-async def _api(tmp_path: Path, env: dict[str, str]) -> AsyncIterator[asyncio.subprocess.Process]:
-    log = tmp_path / "api.log"
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "engine",
-            "api",
-            "--workers",
-            "2",
-            "--log-level",
-            "info",
-            env={**os.environ, "COLUMNS": "250", **env},
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            workers = child_pids(process.pid)
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 40)
-            except TimeoutError:
-                for pid in (process.pid, *workers):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                await process.wait()
 
 
 async def wait_until_healthy(client: httpx.AsyncClient, timeout_s: float = 60) -> None:
@@ -82,7 +48,7 @@ async def test_two_workers_share_the_port_survive_a_killed_one_and_stop_cleanly(
     port = free_port()
     env = {**settings_env(settings_for_test), "ENGINE_API__PORT": str(port)}
     base = f"http://127.0.0.1:{port}"
-    async with _api(tmp_path, env) as supervisor:
+    async with supervised_engine("api", 2, env, tmp_path / "api.log") as supervisor:
         await wait_for(lambda: len(child_pids(supervisor.pid)) == 2, "two workers", 60)
         first, second = sorted(child_pids(supervisor.pid))
         # Each worker alone (the other stopped) answers new connections: they share the port.

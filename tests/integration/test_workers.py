@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from engine import CommandBus, OutboxRelay, Resources, Settings
 from engine.lane_state import LaneState
 from engine.status import collect_status
 from projections.orders import APP
-from tests.helpers import child_pids, run_engine, settings_env
+from tests.helpers import child_pids, run_engine, settings_env, supervised_engine
 from tests.integration.folded import assert_stores_equal_the_log
 from tests.integration.read.expected import eventually
 from tests.integration.read.faults import assert_committed_to_the_end, wait_for
@@ -81,34 +80,8 @@ class _Supervisor:
 @contextlib.asynccontextmanager
 async def _supervisor(tmp_path: Path, env: dict[str, str]) -> AsyncIterator[_Supervisor]:
     log = tmp_path / "run.log"
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "engine",
-            "run",
-            "--workers",
-            "2",
-            "--log-level",
-            "info",
-            env={**os.environ, "COLUMNS": "250", **env},
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    supervisor = _Supervisor(process, log)
-    try:
-        yield supervisor
-    finally:
-        if process.returncode is None:
-            workers = supervisor.workers()
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 40)
-            except TimeoutError:
-                for pid in (process.pid, *workers):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                await process.wait()
+    async with supervised_engine("run", 2, env, log) as process:
+        yield _Supervisor(process, log)
 
 
 async def _daemons(pool: asyncpg.Pool) -> dict[int, set[int]]:
