@@ -169,6 +169,12 @@ class RelaySettings(_Section):
     # warning per attempt) before it exits with code 4; 0 waits for ever. A refused
     # login, a missing database or a schema not migrated stop it at once.
     startup_timeout_s: float = Field(default=300.0, ge=0)
+    # The relay is stalled when events wait in the outbox and it has published nothing
+    # for this long (see engine.health): readiness fails and `engine status` exits 1.
+    stalled_after_s: float = Field(default=30.0, gt=0)
+    # Where `engine relay` serves /metrics, /health/live and /health/ready (host: ops.host);
+    # unset, it serves none (`engine up` sets one).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
 
 
 class RunnerSettings(_Section):
@@ -219,9 +225,14 @@ class RunnerSettings(_Section):
     # How often the daemon records each lane's state for `engine status`; a daemon
     # silent for three times this long is taken for dead (killed or hung).
     state_interval_s: float = Field(default=2.0, gt=0, le=600)
-    # `engine status` calls a projection stalled when events have waited this long
-    # and its progress on their partition has not moved for as long.
+    # A projection is stalled when events have waited this long and its progress on
+    # their partition has not moved for as long, or when a lane has stayed detached
+    # this long: `engine status` exits 1, readiness fails, engine_projection_stalled is 1.
     stalled_after_s: float = Field(default=30.0, gt=0)
+    # Where `engine run` serves /metrics, /health/live and /health/ready (host: ops.host);
+    # with several workers the supervisor serves them for all. Unset: none (`engine up`
+    # sets one).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
     # At start-up, how long the daemon waits for PostgreSQL and Kafka to answer (a
     # warning per attempt) before it exits with code 4; 0 waits for ever. A refused
     # login, a missing database or a schema not migrated stop it at once.
@@ -259,6 +270,22 @@ class ApiSettings(_Section):
     workers: int = Field(default=1, ge=0, le=64)
     # On SIGTERM, how long requests in flight get to finish before connections close.
     graceful_shutdown_s: float = Field(default=10.0, gt=0, le=300)
+
+
+class OpsSettings(_Section):
+    """What operators watch: metrics and health endpoints, the status sample, the logs."""
+
+    # The interface the daemon's and the relay's metrics ports listen on (the API's
+    # /metrics is on its own port). 0.0.0.0 in a container, for Prometheus.
+    host: str = "127.0.0.1"
+    # Health, the status metrics and the live page read a status sample taken this often
+    # in the background (one collect: a few Postgres queries and Kafka offset requests).
+    status_interval_s: float = Field(default=5.0, gt=0, le=600)
+    # A sample that takes longer is abandoned and reported as failed.
+    status_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    # Log lines: "json" (one object per line), "text" (for people), "auto": text on a
+    # terminal, JSON otherwise.
+    log_format: Literal["auto", "json", "text"] = "auto"
 
 
 class StackSettings(_Section):
@@ -299,6 +326,7 @@ class Settings(BaseSettings):
     relay: RelaySettings = RelaySettings()
     runner: RunnerSettings = RunnerSettings()
     api: ApiSettings = ApiSettings()
+    ops: OpsSettings = OpsSettings()
     stack: StackSettings = StackSettings()
 
 

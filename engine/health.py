@@ -1,0 +1,99 @@
+"""The engine's status, sampled in the background, for health checks, metrics and the live page.
+
+A status collect (:func:`engine.status.collect_status`) costs a few Postgres
+queries and Kafka offset requests: cheap once, too much for every probe, every
+scrape and every open page at once. :class:`StatusSampler` takes one every
+``ops.status_interval_s`` and keeps the last; readers get that sample, never a
+collect of their own, so the cost does not grow with the number of watchers.
+
+A sample is taken at most ``ops.status_timeout_s``; one that fails or times
+out is kept as a failed sample (its error, no status), so a reader always
+knows how old the last good answer is and why the latest is missing. Two
+readers that ask for a fresh sample at once share one collect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from engine.status import EngineStatus
+
+log = logging.getLogger("engine.health")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One attempt to collect the status: the status, or why there is none."""
+
+    taken_at: float
+    """``time.monotonic()`` when the collect finished (or failed)."""
+    status: EngineStatus | None
+    error: str | None = None
+
+
+class StatusSampler:
+    """Collects the status every ``interval_s`` (``run``) and answers with the last sample."""
+
+    def __init__(
+        self,
+        collect: Callable[[], Awaitable[EngineStatus]],
+        *,
+        interval_s: float,
+        timeout_s: float,
+    ) -> None:
+        self._collect = collect
+        self.interval_s = interval_s
+        self._timeout_s = timeout_s
+        self.latest: Sample | None = None
+        """The last sample taken, good or failed; None before the first."""
+        self.last_good: Sample | None = None
+        """The last sample with a status."""
+        self._taking: asyncio.Future[Sample] | None = None
+
+    async def sample(self) -> Sample:
+        """Take a sample now; concurrent callers share one collect. Never raises."""
+        if self._taking is None:
+            self._taking = asyncio.ensure_future(self._take())
+            self._taking.add_done_callback(self._done)
+        # Shielded: one caller cancelled (a client gone) must not cancel the others' collect.
+        return await asyncio.shield(self._taking)
+
+    def _done(self, _future: asyncio.Future[Sample]) -> None:
+        self._taking = None
+
+    async def _take(self) -> Sample:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                status = await self._collect()
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if self.latest is None or self.latest.error is None:
+                log.warning("cannot collect the engine's status: %s", error)
+            taken = Sample(time.monotonic(), None, error)
+        else:
+            if self.latest is not None and self.latest.error is not None:
+                log.info("collecting the engine's status again")
+            taken = Sample(time.monotonic(), status)
+            self.last_good = taken
+        self.latest = taken
+        return taken
+
+    async def current(self, max_age_s: float | None = None) -> Sample:
+        """The last sample if younger than ``max_age_s`` (default: two intervals), else a new."""
+        limit = 2 * self.interval_s if max_age_s is None else max_age_s
+        latest = self.latest
+        if latest is not None and time.monotonic() - latest.taken_at <= limit:
+            return latest
+        return await self.sample()
+
+    async def run(self) -> None:
+        """Sample every ``interval_s`` until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await self.sample()
+            await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
