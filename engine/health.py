@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from engine.lane_state import LaneState
 from engine.status import EngineStatus
 
 log = logging.getLogger("engine.health")
@@ -97,3 +98,65 @@ class StatusSampler:
             started = loop.time()
             await self.sample()
             await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
+
+
+# -- readiness ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why readiness fails: what is wrong (a projection's name, ``relay``, ``status``) and why."""
+
+    component: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """The verdict of ``/health/ready``: ready, or the problems that stop it."""
+
+    ready: bool
+    problems: tuple[Problem, ...]
+    sample_age_s: float | None
+
+    def body(self) -> dict[str, object]:
+        return {
+            "status": "ready" if self.ready else "not ready",
+            "problems": [{"component": p.component, "reason": p.reason} for p in self.problems],
+            "sample_age_s": None if self.sample_age_s is None else round(self.sample_age_s, 3),
+        }
+
+
+def readiness(
+    sample: Sample | None,
+    *,
+    interval_s: float,
+    projections: bool = True,
+    relay: bool = True,
+    now: float | None = None,
+) -> Readiness:
+    """Ready unless a projection (``projections``) or the relay (``relay``) is stalled.
+
+    A status that could not be collected for three intervals is a problem too:
+    a watcher that cannot see must not answer "all is well".
+    """
+    now = time.monotonic() if now is None else now
+    if sample is None:
+        return Readiness(False, (Problem("status", "no status sample taken yet"),), None)
+    age = now - sample.taken_at
+    problems: list[Problem] = []
+    status = sample.status
+    if status is None:
+        problems.append(Problem("status", f"cannot collect the status: {sample.error}"))
+    elif age > 3 * interval_s:
+        problems.append(Problem("status", f"the last status sample is {age:.0f}s old"))
+    else:
+        if projections:
+            problems += [
+                Problem(p.name, p.state_reason or p.state.value)
+                for p in status.projections
+                if p.state == LaneState.STALLED
+            ]
+        if relay and status.outbox.stalled:
+            problems.append(Problem("relay", status.outbox.stalled_reason or "stalled"))
+    return Readiness(not problems, tuple(problems), age)

@@ -174,6 +174,9 @@ class OutboxStatus(_Model):
     unpublished: int
     oldest_age_seconds: float | None
     """Seconds since the first unpublished event (lowest position) occurred; None if none."""
+    stalled: bool = False
+    """Events wait and the relay has published nothing for ``relay.stalled_after_s``."""
+    stalled_reason: str | None = None
 
 
 class EngineStatus(_Model):
