@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI, Request
 
 from engine.api.context import ApiContext, open_api_context
+from engine.api.correlation import CorrelationId
 from engine.api.errors import install_error_handlers
 from engine.api.limits import BodyLimit
 from engine.api.openapi import error_responses, install_openapi
@@ -47,6 +48,8 @@ def create_app(settings: Settings, application: Application) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
+    # Outermost: even a refused request answers with its correlation id.
+    app.add_middleware(CorrelationId)
 
     @app.get("/health", tags=["engine"], summary="Liveness: the API process answers")
     async def health() -> dict[str, str]:
