@@ -77,6 +77,40 @@ def aggregate_of(delivery: Delivery) -> tuple[str | None, int | None]:
     return key, None
 
 
+def log_fields(delivery: Delivery, projection: str) -> dict[str, object]:
+    """What a log line about ``delivery`` carries (engine.cli.logs.FIELDS), to find it by.
+
+    Only for the lines about one event (a dead letter, a parked event, an
+    applied event at debug level): never computed on the hot path otherwise.
+    """
+    fields: dict[str, object] = {
+        "projection": projection,
+        "partition": delivery.tp.partition,
+        "offset": delivery.offset,
+    }
+    if delivery.item is not None:
+        envelope = delivery.item.envelope
+        fields.update(
+            event_id=str(envelope.event_id),
+            event_type=envelope.event_type,
+            aggregate_id=envelope.aggregate_id,
+            aggregate_version=envelope.aggregate_version,
+            correlation_id=str(envelope.correlation_id),
+        )
+        return fields
+    # Undecodable: what its headers and key still tell.
+    headers = {k: v.decode(errors="replace") for k, v in delivery.headers}
+    aggregate_id, version = aggregate_of(delivery)
+    fields.update(
+        event_id=headers.get("event_id"),
+        event_type=headers.get("event_type"),
+        aggregate_id=aggregate_id,
+        aggregate_version=version,
+        correlation_id=headers.get("correlation_id"),
+    )
+    return fields
+
+
 def dead_letter(
     delivery: Delivery, projection: str, error: BaseException | str, attempts: int
 ) -> NewDeadLetter:
