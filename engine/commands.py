@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,11 +43,14 @@ from uuid import UUID, uuid4
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from engine import metrics
 from engine.drivers import START_HINT, postgres_address, postgres_errors
 from engine.errors import (
     CommandIdReusedError,
     ConfigurationError,
     ConflictError,
+    InvalidInputError,
+    ServiceUnavailableError,
     ValidationFailedError,
 )
 from engine.events import DomainEvent
@@ -165,6 +169,28 @@ class CommandBus:
         self._clock = clock
 
     async def execute(self, command: Command) -> CommandResult:
+        """Run ``command`` in one transaction; counted in ``engine_commands_total`` by outcome."""
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            result = await self._execute_translated(command)
+            outcome = "duplicate" if result.duplicate else "accepted"
+            return result
+        except InvalidInputError:
+            outcome = "rejected"
+            raise
+        except ConflictError:
+            outcome = "conflict"
+            raise
+        except ServiceUnavailableError:
+            outcome = "unavailable"
+            raise
+        finally:
+            kind = type(command).__name__
+            metrics.COMMANDS.labels(kind, outcome).inc()
+            metrics.COMMAND_SECONDS.labels(kind, outcome).observe(time.perf_counter() - started)
+
+    async def _execute_translated(self, command: Command) -> CommandResult:
         handler = self._handlers.get(type(command))
         if handler is None:
             raise ConfigurationError(f"no handler registered for {type(command).__name__}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from engine import codec
+from engine import codec, metrics
 from engine.deliveries import Batch, Delivery, dead_letter
 from engine.errors import EventDecodeError, PoisonError, VersionGapError
 from engine.gaps import VersionGaps
@@ -129,3 +129,4 @@ class Decoder:
         await retrying(
             lambda: self._dead_letters.record(poison), backoff, retry_if=any_error, on_failure=note
         )
+        metrics.EVENTS_DEAD_LETTERED.labels(ALL_PROJECTIONS).inc(len(poison))

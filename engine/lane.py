@@ -57,6 +57,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
+from engine import metrics
 from engine.deliveries import Batch, Delivery, dead_letter, later_progress
 from engine.errors import ServiceUnavailableError, TransientError
 from engine.generations import GenerationFence, take_up
@@ -110,6 +111,13 @@ class Lane:
         # The generation this lane last set up and pointed readers at (None: none yet).
         self._taken_up: int | None = None
         self.parked = ParkedAggregates(projection.name, dead_letters, self._backoff)
+        # Metric children bound once: the hot path pays one increment and one
+        # observation per store call, never a label look-up (engine.metrics).
+        self._applied_metric = metrics.EVENTS_APPLIED.labels(projection.name)
+        self._dead_letter_metric = metrics.EVENTS_DEAD_LETTERED.labels(projection.name)
+        self._apply_timer = metrics.BATCH_APPLY_SECONDS.labels(
+            projection.name, metrics.store_kind(store)
+        )
         # Applied without the fence while Postgres was unreachable (module doc): the
         # events, in order, the generation they went to, and per partition the first
         # offset not confirmed, which Kafka commits must not pass.
@@ -333,7 +341,7 @@ class Lane:
         return total
 
     async def _store_apply(self, items: list[Projected]) -> int:
-        self.waiting_since = time.monotonic()
+        self.waiting_since = started = time.monotonic()
         try:
             async with self._current_store() as (store, confirmed):
                 changed = await store.apply(items)
@@ -342,6 +350,7 @@ class Lane:
             return changed
         finally:  # an answer, even an error, is progress: the store is not hung
             self.waiting_since = None
+            self._apply_timer.observe(time.monotonic() - started)
 
     @asynccontextmanager
     async def _current_store(self) -> AsyncIterator[tuple[ProjectionStore, bool]]:
@@ -442,6 +451,7 @@ class Lane:
             retry_if=any_error,
             on_failure=warn,
         )
+        self._dead_letter_metric.inc()
         if letter.aggregate_id is not None and letter.aggregate_version is not None:
             self.parked.note([letter.aggregate_id])  # the letter parked its aggregate
 
@@ -459,6 +469,7 @@ class Lane:
     def _done(self, changed: int) -> None:
         self.failing = None
         self.applied += changed
+        self._applied_metric.inc(changed)
 
 
 async def _best_effort(step: Any) -> None:

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from engine import metrics
 from engine.deliveries import Delivery, aggregate_of, dead_letter
 from engine.postgres.deadletters import DeadLetterStore, NewDeadLetter
 from engine.retry import Backoff, any_error, retrying
@@ -73,6 +74,7 @@ class ParkedAggregates:
         # Unparked by a replay since the set was loaded: no need to look them up again.
         parked -= {c.aggregate_id for c in candidates if c.aggregate_id} - parking.parked
         if parking.held:
+            metrics.EVENTS_DEAD_LETTERED.labels(self._projection).inc(len(parking.held))
             log.info(
                 "%s: parked %d event(s) behind dead letters", self._projection, len(parking.held)
             )

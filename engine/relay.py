@@ -79,14 +79,15 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from engine import codec
+from engine import codec, metrics
 from engine.drivers import kafka_address, kafka_errors, postgres_address, postgres_errors
 from engine.errors import ConfigurationError, TransientError
 from engine.events import EventEnvelope
@@ -406,6 +407,7 @@ class OutboxRelay:
                     await asyncio.shield(outbox.mark_published(conn, published))
             self.stats.published += len(published)
             self.stats.batches += 1
+            metrics.RELAY_PUBLISHED.inc(len(published))
         for _, failure in outcomes:
             if failure is not None:
                 # After marking: the next round resends only the rest.
@@ -440,6 +442,7 @@ class OutboxRelay:
                 async with asyncio.timeout(self._kafka_step_s):
                     ack = await producer.send_batch(batch, self._kafka.topic, partition=partition)
                     meta = await ack
+                _observe_commit_to_ack(pending[start:end])
                 # Record n of a batch is at the batch's base offset + n.
                 acked.extend(
                     outbox.Published(envelope.position, meta.partition, meta.offset + n)
@@ -473,6 +476,15 @@ class OutboxRelay:
             " only if you want them replayed."
         )
         raise _PartitionMismatch(self.refused)
+
+
+def _observe_commit_to_ack(sent: Sequence[tuple[EventEnvelope, object]]) -> None:
+    """Each acknowledged event's time from its ``occurred_at`` (in its transaction) to now."""
+    acked_at = time.time()
+    for envelope, _ in sent:
+        metrics.RELAY_COMMIT_TO_ACK_SECONDS.observe(
+            max(0.0, acked_at - envelope.occurred_at.timestamp())
+        )
 
 
 def _producer(kafka: KafkaSettings) -> AIOKafkaProducer:

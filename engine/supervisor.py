@@ -14,8 +14,10 @@ and ordered writes in every store) already holds for several daemons in one
 group. So a worker is exactly ``engine run --workers 1``, started N times:
 nothing new is coordinated, and each worker names itself in
 ``engine_lane_states`` (host:pid:random, :func:`engine.lane_state.daemon_id`),
-so ``engine status`` sees them all. The supervisor holds no connection and
-touches no event: it starts workers, restarts them and stops them.
+so ``engine status`` sees them all. The supervisor touches no event: it starts
+workers, restarts them and stops them. With a metrics port it also serves the
+workers' metrics, summed from their files (:mod:`engine.metrics`), and health
+from its own status sample, over at most two Postgres connections of its own.
 
 - **How many.** ``--workers`` or ``ENGINE_RUNNER__WORKERS``; 0 means one per
   core, but never more than the topic's partitions (``ENGINE_KAFKA__PARTITIONS``):
@@ -73,7 +75,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from engine.retry import Backoff
@@ -173,10 +175,17 @@ class Supervisor:
         fatal_codes: Collection[int],
         policy: Callable[[], RestartPolicy] = default_policy,
         pass_fds: Collection[int] = (),
+        env: Mapping[str, str] | None = None,
+        on_exit: Callable[[int], None] | None = None,
     ) -> None:
         self._command = list(command)
         # Descriptors every worker inherits (the API's listening socket).
         self._pass_fds = tuple(pass_fds)
+        # Variables set for the workers on top of this process's environment (the
+        # workers' metrics directory, engine.metrics), and a call with each worker's pid
+        # once it has exited (its metric files marked dead).
+        self._env = None if env is None else {**os.environ, **env}
+        self._on_exit = on_exit
         self._stop_timeout_s = stop_timeout_s
         self._fatal_codes = frozenset(fatal_codes)
         self._slots = [_Slot(n, policy()) for n in range(1, workers + 1)]
@@ -220,7 +229,9 @@ class Supervisor:
             code = await _exit_or_halt(process, halt)
             if code is None:  # halted: this worker is stopped, not restarted
                 slot.final = await self._stop(slot, process)
+                self._exited(process)
                 return
+            self._exited(process)
             if halt.is_set():
                 slot.final = code
                 return
@@ -249,12 +260,20 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(halt.wait(), delay)
 
+    def _exited(self, process: asyncio.subprocess.Process) -> None:
+        if self._on_exit is not None:
+            try:
+                self._on_exit(process.pid)
+            except Exception:
+                log.exception("after worker (pid %d) exited", process.pid)
+
     async def _spawn(self, slot: _Slot) -> asyncio.subprocess.Process:
         process = await asyncio.create_subprocess_exec(
             *self._command,
             stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,  # signals come from the supervisor only (see the docstring)
             pass_fds=self._pass_fds,
+            env=self._env,
         )
         log.info("worker %d started (pid %d)", slot.number, process.pid)
         return process

@@ -12,6 +12,7 @@ from engine.api.context import ApiContext, open_api_context
 from engine.api.correlation import CorrelationId
 from engine.api.errors import install_error_handlers
 from engine.api.limits import BodyLimit
+from engine.api.metrics import install_metrics
 from engine.api.openapi import error_responses, install_openapi
 from engine.api.security import READER
 from engine.application import Application
@@ -48,6 +49,7 @@ def create_app(settings: Settings, application: Application) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
+    install_metrics(app)  # after the other middleware: it times theirs too
     # Outermost: even a refused request answers with its correlation id.
     app.add_middleware(CorrelationId)
 

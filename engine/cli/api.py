@@ -16,12 +16,16 @@ The supervision is the daemon's (:mod:`engine.supervisor`): a worker that
 dies is restarted with a backoff while the others keep serving, exits 2/3/4
 stop them all with that code, SIGTERM stops each worker gracefully (requests
 in flight get ``ENGINE_API__GRACEFUL_SHUTDOWN_S``). Workers hold no state
-between requests beyond connection pools, so any worker may answer any request.
+between requests beyond connection pools, so any worker may answer any request,
+``/metrics`` included: the workers count into files in a directory this
+process makes for them, and the one that answers sums them all
+(:mod:`engine.metrics`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -32,6 +36,7 @@ from typing import Annotated
 import typer
 import uvicorn
 
+from engine import metrics
 from engine.api import create_app
 from engine.api.context import open_api_context
 from engine.application import Application, load_application
@@ -119,14 +124,18 @@ async def _supervise(
         workers,
         os.getpid(),
     )
-    supervisor = Supervisor(
-        worker_command(log_level, os.getpid(), "api", ["--fd", str(sock.fileno())]),
-        workers,
-        stop_timeout_s=settings.api.graceful_shutdown_s + _STOP_MARGIN_S,
-        fatal_codes=(ExitCode.USAGE, ExitCode.CONFIGURATION, ExitCode.UNAVAILABLE),
-        pass_fds=(sock.fileno(),),
-    )
-    return await supervisor.run(signals.event())
+    # Whichever worker answers /metrics sums every worker's files (engine.metrics).
+    with metrics.workers_directory() as directory:
+        supervisor = Supervisor(
+            worker_command(log_level, os.getpid(), "api", ["--fd", str(sock.fileno())]),
+            workers,
+            stop_timeout_s=settings.api.graceful_shutdown_s + _STOP_MARGIN_S,
+            fatal_codes=(ExitCode.USAGE, ExitCode.CONFIGURATION, ExitCode.UNAVAILABLE),
+            pass_fds=(sock.fileno(),),
+            env={metrics.MULTIPROCESS_ENV: directory},
+            on_exit=functools.partial(metrics.worker_exited, directory),
+        )
+        return await supervisor.run(signals.event())
 
 
 @app.command()

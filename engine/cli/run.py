@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Annotated
 
 import typer
 import uvloop
 
+from engine import metrics
 from engine.application import Application, load_application
 from engine.cli.app import ExitCode, app, err_console, load_settings, run_reporting_errors
 from engine.cli.logs import configure
 from engine.daemon import build_runner
 from engine.drivers import kafka_address, postgres_address
+from engine.ops_server import serving, status_resources
 from engine.resources import Resources, open_resources
 from engine.retry import Backoff
 from engine.settings import Settings, env_var
 from engine.startup import StartupStopped, StartupWait, StopSignals, check_postgres, login_errors
+from engine.status import collect_status
 from engine.supervisor import (
     STOP_MARGIN_S,
     Supervisor,
@@ -33,18 +38,29 @@ from engine.topics import ensure_topic
 log = logging.getLogger("engine.run")
 
 
-async def _run(settings: Settings, until_caught_up: bool, signals: StopSignals) -> None:
+async def _run(
+    settings: Settings, until_caught_up: bool, signals: StopSignals, metrics_port: int | None
+) -> None:
     stop = signals.event()
     application = load_application(settings.app)
     async with AsyncExitStack() as stack:
+        # First: a taken port fails at once, and probes answer "starting" meanwhile.
+        ops = await stack.enter_async_context(serving(settings, metrics_port, "daemon"))
         try:
             resources = await _start(settings, application, stop, stack)
         except StartupStopped as exc:
             log.info("projection daemon stopped before it started (%s)", exc)
             return
         runner = build_runner(application, resources)
+        if ops is not None:  # stops sampling before the resources close (the stack's order)
+            await stack.enter_async_context(
+                ops.sampling(lambda: collect_status(settings, application, resources))
+            )
         _tune_collector()
-        await runner.run(stop, until_caught_up=until_caught_up)
+        running = asyncio.ensure_future(runner.run(stop, until_caught_up=until_caught_up))
+        if ops is not None:
+            ops.follow(running)
+        await running
 
 
 def _tune_collector() -> None:
@@ -93,7 +109,13 @@ async def _start(
     return await startup.until_available(open_all, "PostgreSQL", postgres)
 
 
-async def _supervise(settings: Settings, workers: int, log_level: str, signals: StopSignals) -> int:
+async def _supervise(
+    settings: Settings,
+    workers: int,
+    log_level: str,
+    signals: StopSignals,
+    metrics_port: int | None,
+) -> int:
     stop = signals.event()
     log.info(
         "starting %d workers in consumer group %s (supervisor pid %d)",
@@ -101,14 +123,36 @@ async def _supervise(settings: Settings, workers: int, log_level: str, signals: 
         settings.runner.group_id,
         os.getpid(),
     )
-    supervisor = Supervisor(
-        worker_command(log_level, os.getpid()),
-        workers,
-        stop_timeout_s=settings.runner.shutdown_timeout_s + STOP_MARGIN_S,
-        # Each worker would hit these again: stop, and exit with the worker's code.
-        fatal_codes=(ExitCode.USAGE, ExitCode.CONFIGURATION, ExitCode.UNAVAILABLE),
-    )
-    return await supervisor.run(stop)
+    async with AsyncExitStack() as stack:
+        env: dict[str, str] | None = None
+        on_exit: Callable[[int], None] | None = None
+        directory: str | None = None
+        if metrics_port:  # the workers count into files this process sums (engine.metrics)
+            directory = stack.enter_context(metrics.workers_directory())
+            env = {metrics.MULTIPROCESS_ENV: directory}
+            on_exit = functools.partial(metrics.worker_exited, directory)
+        supervisor = Supervisor(
+            worker_command(log_level, os.getpid()),
+            workers,
+            stop_timeout_s=settings.runner.shutdown_timeout_s + STOP_MARGIN_S,
+            # Each worker would hit these again: stop, and exit with the worker's code.
+            fatal_codes=(ExitCode.USAGE, ExitCode.CONFIGURATION, ExitCode.UNAVAILABLE),
+            env=env,
+            on_exit=on_exit,
+        )
+        ops = await stack.enter_async_context(
+            serving(settings, metrics_port, "daemon", multiprocess_dir=directory)
+        )
+        if ops is not None:
+            application = load_application(settings.app)
+            resources = await stack.enter_async_context(status_resources(settings))
+            await stack.enter_async_context(
+                ops.sampling(lambda: collect_status(settings, application, resources))
+            )
+        running = asyncio.ensure_future(supervisor.run(stop))
+        if ops is not None:
+            ops.follow(running)
+        return await running
 
 
 def _workers(settings: Settings, requested: int | None, until_caught_up: bool) -> int:
@@ -151,6 +195,18 @@ def run(
             show_default=False,
         ),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            help="Serve /metrics, /health/live and /health/ready on this port (at"
+            " ENGINE_OPS__HOST); with several workers the supervisor serves them for all."
+            " Default: ENGINE_RUNNER__METRICS_PORT; unset or 0: none.",
+            show_default=False,
+        ),
+    ] = None,
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "info",
@@ -176,9 +232,17 @@ def run(
         follow_supervisor(supervisor_pid)
     settings = load_settings()
     count = _workers(settings, workers, until_caught_up)
+    # A worker serves no port: its supervisor answers for it (engine.metrics).
+    port = None if supervisor_pid is not None else _or(metrics_port, settings.runner.metrics_port)
     if count > 1:
-        code = asyncio.run(_supervise(settings, count, log_level, signals))
+        code = run_reporting_errors(
+            lambda: asyncio.run(_supervise(settings, count, log_level, signals, port))
+        )
         raise typer.Exit(code)
     # uvloop: the event loop in C. The daemon wakes for every Kafka fetch and every
     # store answer of five lanes, and the pure-Python loop's share of that showed.
-    run_reporting_errors(lambda: uvloop.run(_run(settings, until_caught_up, signals)))
+    run_reporting_errors(lambda: uvloop.run(_run(settings, until_caught_up, signals, port)))
+
+
+def _or(option: int | None, setting: int | None) -> int | None:
+    return setting if option is None else option

@@ -13,6 +13,10 @@ its own supervisor restarting a worker that dies (:mod:`engine.supervisor`).
 The API child likewise honours ``ENGINE_API__WORKERS`` (one by default).
 ``--workers`` and ``--api-workers`` are passed on to those children as their
 own ``--workers``. ``up`` only sees each supervisor exit.
+
+The daemon and the relay get a metrics port each (``/metrics`` and
+``/health/*``: :mod:`engine.ops_server`), 18081 and 18082 unless set; the
+API serves its own on its port.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ from engine.topics import ensure_topic
 
 # Started in this order, stopped in the reverse one.
 PARTS = ("relay", "run", "api")
+# Where `up` has its daemon and its relay serve /metrics and /health (the API's port + 1, + 2).
+DAEMON_METRICS_PORT = 18081
+RELAY_METRICS_PORT = 18082
 DEMO_WAIT_S = 300.0
 
 
@@ -120,7 +127,9 @@ def example_queries(base: str, samples: dict[str, str]) -> list[tuple[str, str]]
     ]
 
 
-def _announce(settings: Settings, samples: dict[str, str] | None, projected: bool) -> None:
+def _announce(
+    settings: Settings, samples: dict[str, str] | None, projected: bool, ports: dict[str, int]
+) -> None:
     base = f"http://{settings.api.host}:{settings.api.port}"
     # Plain lines, never wrapped: the commands must paste as they are.
     console = Console(soft_wrap=True, highlight=False)
@@ -128,6 +137,11 @@ def _announce(settings: Settings, samples: dict[str, str] | None, projected: boo
     console.print(f"  API        {base}")
     console.print(f"  API docs   {base}/docs")
     console.print("  status     engine status   (or GET /status)")
+    console.print(f"  metrics    {base}/metrics   (the API's)")
+    for part, title in (("run", "daemon"), ("relay", "relay")):
+        if ports.get(part):
+            ops = f"http://{settings.ops.host}:{ports[part]}"
+            console.print(f"  {title:<10} {ops}/metrics   {ops}/health/ready")
     if samples and projected:
         console.print("\nTry these (the demo data is projected):")
         for title, command in example_queries(base, samples):
@@ -145,6 +159,7 @@ async def _up(
     log_level: str,
     demo_args: list[str] | None,
     options: dict[str, list[str]],
+    ports: dict[str, int],
 ) -> int:
     await _migrate_and_grant(settings)
     await ensure_topic(settings.kafka)
@@ -173,7 +188,7 @@ async def _up(
             samples = await _load_demo(demo_args)
             projected = await _wait_for_demo(base, samples, halt)
         if not halt.is_set():
-            _announce(settings, samples, projected)
+            _announce(settings, samples, projected, ports)
             await halt.wait()
         for watcher in watchers:
             watcher.cancel()
@@ -235,28 +250,69 @@ def up(  # noqa: PLR0917 - one parameter per command-line option
             show_default=False,
         ),
     ] = None,
+    daemon_metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="The daemon's /metrics and /health port (engine run --metrics-port)."
+            " Default: ENGINE_RUNNER__METRICS_PORT, else 18081; 0 turns it off.",
+            show_default=False,
+        ),
+    ] = None,
+    relay_metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="The relay's /metrics and /health port (engine relay --metrics-port)."
+            " Default: ENGINE_RELAY__METRICS_PORT, else 18082; 0 turns it off.",
+            show_default=False,
+        ),
+    ] = None,
     log_level: Annotated[
         str, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = "warning",
 ) -> None:
     """Run the whole engine: migrate, then the outbox relay, the projection daemon and the API.
 
-    The daemon runs ENGINE_RUNNER__WORKERS consumer processes (default: one per
-    core) under its own supervisor, as `engine run` does; the API runs
-    ENGINE_API__WORKERS server processes (default: one), as `engine api` does.
+        The daemon runs ENGINE_RUNNER__WORKERS consumer processes (default: one per
+        core) under its own supervisor, as `engine run` does; the API runs
+        ENGINE_API__WORKERS server processes (default: one), as `engine api` does.
+
+        The daemon and the relay serve /metrics, /health/live and /health/ready on
+    ports 18081 and 18082 (see --daemon-metrics-port, --relay-metrics-port), the
+    API on its own port.
 
     With --demo, also loads the demo sample, waits until it is projected and
-    prints the URLs and example queries. Runs until SIGTERM/Ctrl-C; exits 1 if
-    one of its processes dies, 3 on a configuration problem, 4 if a service is
-    unreachable.
+        prints the URLs and example queries. Runs until SIGTERM/Ctrl-C; exits 1 if
+        one of its processes dies, 3 on a configuration problem, 4 if a service is
+        unreachable.
     """
     settings = load_settings()
     demo_args: list[str] | None = None
     if demo:
         demo_args = [*_flag("--customers", customers), *_flag("--orders", orders)]
-    options = {"run": _flag("--workers", workers), "api": _flag("--workers", api_workers)}
-    code = run_reporting_errors(lambda: asyncio.run(_up(settings, log_level, demo_args, options)))
+    ports = {
+        "run": _port(daemon_metrics_port, settings.runner.metrics_port, DAEMON_METRICS_PORT),
+        "relay": _port(relay_metrics_port, settings.relay.metrics_port, RELAY_METRICS_PORT),
+    }
+    options = {
+        "run": [*_flag("--workers", workers), "--metrics-port", str(ports["run"])],
+        "api": _flag("--workers", api_workers),
+        "relay": ["--metrics-port", str(ports["relay"])],
+    }
+    code = run_reporting_errors(
+        lambda: asyncio.run(_up(settings, log_level, demo_args, options, ports))
+    )
     raise typer.Exit(code)
+
+
+def _port(option: int | None, setting: int | None, default: int) -> int:
+    """The option, else the setting, else ``up``'s own default; 0 is off."""
+    if option is not None:
+        return option
+    return setting if setting is not None else default
 
 
 def _flag(name: str, value: int | None) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import AsyncExitStack
 from typing import Annotated
 
 import typer
@@ -13,6 +14,7 @@ from engine.application import load_application
 from engine.cli.app import app, load_settings, run_reporting_errors
 from engine.cli.logs import configure
 from engine.drivers import kafka_address, postgres_address
+from engine.ops_server import serving, status_resources
 from engine.postgres.migrations import migrate as apply_migrations
 from engine.postgres.pool import create_pool
 from engine.postgres.roles import grant_read_access
@@ -20,6 +22,7 @@ from engine.relay import OutboxRelay
 from engine.retry import Backoff
 from engine.settings import Settings, env_var
 from engine.startup import StartupStopped, StartupWait, StopSignals, check_postgres
+from engine.status import collect_status
 from engine.topics import ensure_topic
 
 log = logging.getLogger("engine.relay")
@@ -65,17 +68,31 @@ def migrate() -> None:
     console.print(granted)
 
 
-async def _relay(settings: Settings, once: bool, signals: StopSignals | None) -> int:
+async def _relay(
+    settings: Settings, once: bool, signals: StopSignals | None, metrics_port: int | None
+) -> int:
     relay = OutboxRelay(settings.postgres, settings.kafka, settings.relay)
     if once or signals is None:
         return await relay.drain()
     stop = signals.event()
-    try:
-        await _wait_for_services(settings, stop)
-    except StartupStopped as exc:
-        log.info("relay stopped before it started (%s)", exc)
-        return 0
-    await relay.run(stop)
+    async with AsyncExitStack() as stack:
+        # First: a taken port fails at once, and probes answer "starting" meanwhile.
+        ops = await stack.enter_async_context(serving(settings, metrics_port, "relay"))
+        try:
+            await _wait_for_services(settings, stop)
+        except StartupStopped as exc:
+            log.info("relay stopped before it started (%s)", exc)
+            return 0
+        if ops is not None:
+            application = load_application(settings.app)
+            resources = await stack.enter_async_context(status_resources(settings))
+            await stack.enter_async_context(
+                ops.sampling(lambda: collect_status(settings, application, resources))
+            )
+        running = asyncio.ensure_future(relay.run(stop))
+        if ops is not None:
+            ops.follow(running)
+        await running
     return relay.stats.published
 
 
@@ -104,6 +121,18 @@ def relay(
     once: Annotated[
         bool, typer.Option("--once", help="Publish what is pending now, then exit.")
     ] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            help="Serve /metrics, /health/live and /health/ready on this port (at"
+            " ENGINE_OPS__HOST). Default: ENGINE_RELAY__METRICS_PORT; unset or 0: none."
+            " Not with --once.",
+            show_default=False,
+        ),
+    ] = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Publish outbox events to Kafka (at least once, in order per aggregate).
@@ -117,5 +146,6 @@ def relay(
     signals = None if once else StopSignals()
     configure(log_level)
     settings = load_settings()
-    published = run_reporting_errors(lambda: asyncio.run(_relay(settings, once, signals)))
+    port = settings.relay.metrics_port if metrics_port is None else metrics_port
+    published = run_reporting_errors(lambda: asyncio.run(_relay(settings, once, signals, port)))
     Console(stderr=True).print(f"relay: published {published} event(s)")

@@ -69,7 +69,8 @@ def test_every_option_of_engine_run_is_either_forwarded_to_workers_or_deliberate
     assert "--log-level" in options  # the inspection sees the command's options
     forwarded = {o for o in worker_command("info", 1) if o.startswith("--")}
     # --until-caught-up never reaches a worker: burst mode runs one process, no supervisor.
-    assert options - forwarded == {"--until-caught-up"}, (
+    # --metrics-port neither: the supervisor serves the port for all its workers.
+    assert options - forwarded == {"--until-caught-up", "--metrics-port"}, (
         "a new option of engine run: forward it in engine.supervisor.worker_command, or say why not"
     )
 

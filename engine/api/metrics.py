@@ -1,0 +1,78 @@
+"""The API's metrics: requests by route template, method and status, and ``GET /metrics``.
+
+A pure ASGI middleware, not Starlette's ``BaseHTTPMiddleware`` (which runs the
+app in a task group and wraps every response in a stream: a measurable cost
+per request). It times the request, reads the status from the response's
+start, and after the app returned takes the route the router matched from the
+scope (Starlette stores it there), so the label is the template
+(``/orders/{order_id}``), never the raw path: one series per route whatever
+ids the clients send. A path no route matches is one label, ``<unmatched>``;
+a method outside HTTP's usual ones is ``OTHER``. The work per request is two
+clock reads, two label look-ups and an increment and an observation.
+
+``GET /metrics`` answers for the whole API: with several workers, every
+worker's counts summed (see :mod:`engine.metrics`). It needs no API key, like
+``/health``: it carries counts, route templates and projection names, no data.
+It is left out of the OpenAPI document, which describes the application's API.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import FastAPI
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine import metrics
+
+UNMATCHED = "<unmatched>"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def route_label(scope: Scope) -> str:
+    """The template of the route the router matched in ``scope``, or ``<unmatched>``."""
+    route = scope.get("route")
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    return path if isinstance(path, str) and path else UNMATCHED
+
+
+class RequestMetrics:
+    """Counts and times every HTTP request (``engine_http_request*``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        status = 500  # no response started: the server answers 500 for an app that raised
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
+        try:
+            await self._app(scope, receive, send_status)
+        finally:
+            elapsed = time.perf_counter() - started
+            method = scope["method"] if scope["method"] in _METHODS else "OTHER"
+            route = route_label(scope)
+            metrics.HTTP_REQUESTS.labels(route, method, str(status)).inc()
+            metrics.HTTP_REQUEST_SECONDS.labels(route, method).observe(elapsed)
+
+
+def install_metrics(app: FastAPI) -> None:
+    """Count the requests ``app`` answers, and serve ``GET /metrics``.
+
+    Call it after the other middleware is added, so the time measured includes theirs.
+    """
+    app.add_middleware(RequestMetrics)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
