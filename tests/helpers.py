@@ -169,6 +169,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
         # One process whatever the machine's cores: tests signal the daemon's own pid.
         "ENGINE_RUNNER__WORKERS": "1",
         "ENGINE_API__WORKERS": "1",
+        # No metrics ports (`engine up` would take 18081 and 18082): a test that wants one
+        # sets its own free port.
+        "ENGINE_RUNNER__METRICS_PORT": "0",
+        "ENGINE_RELAY__METRICS_PORT": "0",
         "ENGINE_REDIS__KEY_PREFIX": settings.redis.key_prefix,
         "ENGINE_ELASTICSEARCH__INDEX_PREFIX": settings.elasticsearch.index_prefix,
     }

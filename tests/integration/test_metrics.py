@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine import Resources, Settings
 from engine.postgres.checkpoints import CheckpointStore
 from projections.orders import APP
-from tests.helpers import child_pids, free_port, settings_env
+from tests.helpers import child_pids, free_port, run_engine, settings_env
 from tests.integration.read.faults import frozen_elasticsearch, wait_for
 
 pytestmark = pytest.mark.timeout(150)
@@ -338,3 +339,39 @@ async def test_with_two_workers_the_counts_are_summed_whichever_process_answers(
             assert (await _get_ok(client, f"{daemon}/health/ready")).json()["status"] == "ready"
         assert all(applied[n] > 0 for n in names)
         assert _sum(figures, "engine_status_sample_ok") == 1
+
+
+@pytest.mark.parametrize("command", ["run", "relay"])
+async def test_a_taken_metrics_port_exits_4_naming_the_address(
+    command: str, settings_for_test: Settings
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = await run_engine(
+            command, "--metrics-port", str(port), env=settings_env(settings_for_test)
+        )
+    assert code == 4, err
+    assert f"cannot listen on 127.0.0.1:{port}" in " ".join(err.split())
+
+
+async def test_a_daemon_waiting_for_its_services_is_live_not_ready_and_stops_cleanly(
+    settings_for_test: Settings, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = {
+        **_env(settings_for_test),
+        "ENGINE_POSTGRES__PORT": str(free_port()),  # nothing listens: it waits
+        "ENGINE_RUNNER__METRICS_PORT": str(port),
+    }
+    ops = f"http://127.0.0.1:{port}"
+    async with _engine(tmp_path, "run", env), httpx.AsyncClient(timeout=10) as client:
+        await _get_ok(client, f"{ops}/health/live")
+        ready = await client.get(f"{ops}/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["problems"] == [{"component": "daemon", "reason": "starting"}]
+        figures = await _scrape(client, f"{ops}/metrics")
+        assert _sum(figures, "engine_status_sample_ok") == 0
+        assert (await client.get(f"{ops}/nowhere")).status_code == 404
+        assert (await client.post(f"{ops}/metrics")).status_code == 405
