@@ -14,6 +14,7 @@ from engine.api.errors import install_error_handlers
 from engine.api.limits import BodyLimit
 from engine.api.metrics import install_metrics
 from engine.api.openapi import error_responses, install_openapi
+from engine.api.page import install_page
 from engine.api.security import READER
 from engine.application import Application
 from engine.settings import Settings
@@ -70,5 +71,6 @@ def create_app(settings: Settings, application: Application) -> FastAPI:
 
     if application.api is not None:
         app.include_router(application.api())
+    install_page(app)
     install_openapi(app, settings)
     return app
