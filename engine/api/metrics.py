@@ -11,7 +11,9 @@ a method outside HTTP's usual ones is ``OTHER``. The work per request is two
 clock reads, two label look-ups and an increment and an observation.
 
 ``GET /metrics`` answers for the whole API: with several workers, every
-worker's counts summed (see :mod:`engine.metrics`). It needs no API key, like
+worker's counts summed (see :mod:`engine.metrics`); and, from the status
+sample the answering worker takes for readiness, the status gauges (every
+projection's and the outbox's), so the API alone is enough to scrape. It needs no API key, like
 ``/health``: it carries counts, route templates and projection names, no data.
 It is left out of the OpenAPI document, which describes the application's API.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import time
 
 from fastapi import FastAPI
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -74,5 +77,9 @@ def install_metrics(app: FastAPI) -> None:
     app.add_middleware(RequestMetrics)
 
     @app.get("/metrics", include_in_schema=False)
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
+    async def prometheus_metrics(request: Request) -> Response:
+        # The status gauges from this worker's background sample, if it takes one.
+        context = getattr(request.app.state, "context", None)
+        sampler = getattr(context, "sampler", None)
+        extra = [] if sampler is None else [metrics.StatusCollector(sampler)]
+        return Response(metrics.render(extra), media_type=metrics.CONTENT_TYPE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import httpx
 from fastapi import FastAPI
@@ -180,3 +181,16 @@ async def test_requests_are_labelled_by_route_template_never_by_raw_path() -> No
     assert f'route="{template}"' in scraped.text
     assert f"{prefix}/orders/1" not in scraped.text.replace(template, "")
     assert "/metrics" not in app.openapi()["paths"]
+    assert "engine_projection_state" not in scraped.text  # no status sample: no status gauges
+
+
+async def test_the_api_shows_the_status_gauges_of_the_sample_it_takes() -> None:
+    app = FastAPI()
+    install_metrics(app)
+    sample = Sample(taken_at=0.0, status=_status())
+    app.state.context = SimpleNamespace(sampler=_Samples(sample, sample))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        text = (await client.get("/metrics")).text
+    assert 'engine_projection_stalled{projection="order_search"} 1.0' in text
+    assert "engine_outbox_backlog_events 7.0" in text
