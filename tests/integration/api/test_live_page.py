@@ -181,7 +181,10 @@ async def test_the_live_page_shows_every_projection_and_follows_the_lag(
     assert len(names) == 5
     relay = OutboxRelay(settings.postgres, settings.kafka, settings.relay)
     async with _engine_api(settings) as (base, api), _browser_page() as (page, seen):
-        await page.goto(f"{base}/?key={KEY}")
+        answer = await page.goto(f"{base}/?key={KEY}")
+        assert answer is not None and answer.ok
+        # The browser itself holds the page to its own origin.
+        assert "connect-src 'self'" in answer.headers["content-security-policy"]
 
         # Every projection of the application, in a card, caught up (nothing published).
         await page.wait_for_function(
