@@ -98,7 +98,10 @@ class Lane:
         self._handles = projection.handles if type(projection).wants is Projection.wants else None
         self.queue: asyncio.Queue[Batch] = asyncio.Queue(maxsize=settings.lane_queue_batches)
         self.next_offset: dict[TopicPartition, int] = {}
-        self.detached = False
+        self._detached = False
+        # Monotonic time it was last detached (None: attached), for `engine status`: a
+        # lane detached longer than stalled_after_s is stalled (engine.lane_state).
+        self.detached_since: float | None = None
         # Why the runner detached it, for `engine status` (kept after it re-attached).
         self.detached_because: str | None = None
         self.failing: str | None = None
@@ -133,6 +136,21 @@ class Lane:
     @property
     def name(self) -> str:
         return self.projection.name
+
+    @property
+    def detached(self) -> bool:
+        """Left behind by the dispatcher: catching up alone, or stranded (see the runner)."""
+        return self._detached
+
+    @detached.setter
+    def detached(self, detached: bool) -> None:
+        # Detaching an already detached lane (a rebalance restarting its catch-up) keeps
+        # the first time: it has not followed the dispatcher since.
+        if detached and not self._detached:
+            self.detached_since = time.monotonic()
+        elif not detached:
+            self.detached_since = None
+        self._detached = detached
 
     @property
     def idle(self) -> bool:

@@ -23,6 +23,23 @@ daemon holds. Independently of any row, a partition whose oldest waiting event
 and whose recorded progress are both older than ``stalled_after_s`` is stalled
 too: that catches what no daemon reports (none running, a hung lane).
 
+A lane detached longer than ``stalled_after_s`` is stalled too, whatever its
+daemon says it is doing (detached, or catching up). The daemon keeps the time
+the lane was first detached (a rebalance restarting its catch-up keeps it;
+re-attaching clears it) and each row carries it as a timestamp by Postgres'
+clock, so its age is measured like the row's. Why it catches a stall the
+progress rule can miss: it needs neither the oldest waiting event's time
+(unknown when the record cannot be read in time) nor a progress row that has
+stood still (a catch-up that records progress now and then but never reaches
+the dispatcher moves it), and it judges the lane the daemon actually runs.
+Why it does not fire on a healthy, busy projection: a lane that keeps up, or
+slows the dispatcher down by back-pressure, is never detached, however far
+behind it is; a lane detached by a short outage catches up and re-attaches
+well within the limit. It does fire on a lane still catching up after a long
+outage: its read model has then been behind the others for that long, which
+is what an operator must hear about; set ``stalled_after_s`` above the
+longest catch-up you accept.
+
 Recording is for operators, never the daemon's business: every write is
 bounded by a timeout and its errors are logged, not raised, so a Postgres
 outage costs ``engine status`` its lane states and nothing else.
@@ -67,6 +84,12 @@ LANE_STATE_MIGRATIONS = (
         );
         """,
     ),
+    # Since when the lane has been detached (NULL: attached), by Postgres' clock: a lane
+    # detached longer than stalled_after_s is stalled.
+    Migration(
+        "engine-0011-lane-detached-since",
+        "ALTER TABLE engine_lane_states ADD COLUMN detached_since timestamptz;",
+    ),
 )
 
 
@@ -93,6 +116,8 @@ _SEVERITY = (
     LaneState.STRANDED,
 )
 UNHEALTHY = frozenset({LaneState.STRANDED, LaneState.STALLED, LaneState.DETACHED})
+# What a daemon reports for a lane the dispatcher left behind (stranded is worse already).
+_DETACHED = frozenset({LaneState.DETACHED, LaneState.CATCHING_UP})
 
 # A dead daemon's rows are deleted by a live one after this long: by then its group
 # gave the partitions to the living, whose own rows speak for them.
@@ -165,6 +190,8 @@ class LaneReport:
     state: LaneState
     reason: str | None
     partitions: tuple[int, ...]
+    detached_s: float | None = None
+    """How long the lane has been detached (None: attached)."""
 
 
 def observe(runner: ProjectionRunner, hung_after_s: float) -> list[LaneReport]:
@@ -184,7 +211,8 @@ def observe(runner: ProjectionRunner, hung_after_s: float) -> list[LaneReport]:
             detached_because=lane.detached_because,
         )
         partitions = tuple(sorted(tp.partition for tp in lane.next_offset))
-        reports.append(LaneReport(lane.name, state, reason, partitions))
+        detached = None if lane.detached_since is None else now - lane.detached_since
+        reports.append(LaneReport(lane.name, state, reason, partitions, detached))
     return reports
 
 
@@ -193,15 +221,18 @@ WITH forgotten AS (
     DELETE FROM engine_lane_states
     WHERE daemon <> $1 AND reported_at < now() - make_interval(secs => $6)
 )
-INSERT INTO engine_lane_states (projection, daemon, state, reason, partitions, reported_at)
-SELECT l.projection, $1, l.state, l.reason, l.partitions::integer[], now()
-FROM unnest($2::text[], $3::text[], $4::text[], $5::text[])
-    AS l(projection, state, reason, partitions)
+INSERT INTO engine_lane_states
+    (projection, daemon, state, reason, partitions, reported_at, detached_since)
+SELECT l.projection, $1, l.state, l.reason, l.partitions::integer[], now(),
+    now() - make_interval(secs => l.detached_s)
+FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $7::float8[])
+    AS l(projection, state, reason, partitions, detached_s)
 ON CONFLICT (projection, daemon) DO UPDATE SET
     state = EXCLUDED.state,
     reason = EXCLUDED.reason,
     partitions = EXCLUDED.partitions,
-    reported_at = EXCLUDED.reported_at
+    reported_at = EXCLUDED.reported_at,
+    detached_since = EXCLUDED.detached_since
 """
 
 
@@ -261,6 +292,7 @@ class LaneStateRecorder:
                     [None if r.reason is None else r.reason[:_REASON_CHARS] for r in reports],
                     ["{" + ",".join(map(str, r.partitions)) + "}" for r in reports],
                     _FORGET_AFTER_S,
+                    [r.detached_s for r in reports],
                 )
         except Exception as exc:
             self._note(exc)
@@ -301,6 +333,8 @@ class DaemonReport:
     reason: str | None
     partitions: tuple[int, ...]
     age_s: float
+    detached_s: float | None = None
+    """How long its lane has been detached, as of now (None: attached, or not recorded)."""
 
 
 @dataclass(frozen=True)
@@ -329,7 +363,8 @@ _READ = """
 SELECT
     (SELECT coalesce(jsonb_agg(jsonb_build_object(
             'projection', projection, 'daemon', daemon, 'state', state, 'reason', reason,
-            'partitions', partitions, 'age_s', extract(epoch FROM now() - reported_at))),
+            'partitions', partitions, 'age_s', extract(epoch FROM now() - reported_at),
+            'detached_s', extract(epoch FROM now() - detached_since))),
         '[]'::jsonb)
      FROM engine_lane_states WHERE projection = ANY($1::text[])) AS reports,
     (SELECT coalesce(jsonb_agg(jsonb_build_object(
@@ -350,7 +385,14 @@ async def read_recorded(pool: asyncpg.Pool, names: Sequence[str], topic: str) ->
         except ValueError:  # written by a newer daemon: not ours to interpret
             continue
         reports[r["projection"]].append(
-            DaemonReport(r["daemon"], state, r["reason"], tuple(r["partitions"]), r["age_s"])
+            DaemonReport(
+                r["daemon"],
+                state,
+                r["reason"],
+                tuple(r["partitions"]),
+                r["age_s"],
+                None if r["detached_s"] is None else float(r["detached_s"]),
+            )
         )
     ages: dict[str, dict[int, float]] = {name: {} for name in names}
     for p in json.loads(row["progress"]) if row else []:
@@ -375,9 +417,7 @@ def projection_state(
     dead = [r for r in reports if r.age_s > stale_after_s]
     lagging = {w.partition: w for w in waiting if w.events > 0}
     several = len(live) > 1
-    found: list[Judged] = [
-        (r.state, f"{r.daemon}: {r.reason}" if several and r.reason else r.reason) for r in live
-    ]
+    found: list[Judged] = [_live(r, stalled_after_s, several=several) for r in live]
     silent = _dead_daemons(dead, live, lagging)
     found += silent
     found += _no_progress(lagging, stalled_after_s)
@@ -393,6 +433,19 @@ def projection_state(
     found.sort(key=lambda judged: _SEVERITY.index(judged[0]), reverse=True)
     reasons = list(dict.fromkeys(reason for _state, reason in found if reason))
     return found[0][0], "; ".join(reasons) or None
+
+
+def _live(report: DaemonReport, stalled_after_s: float, *, several: bool) -> Judged:
+    """A live daemon's word, unless its lane has been detached too long: then stalled."""
+    state, reason = report.state, report.reason
+    detached_s = report.detached_s
+    if state in _DETACHED and detached_s is not None and detached_s > stalled_after_s:
+        why = f": {reason}" if reason else ""
+        state, reason = (
+            LaneState.STALLED,
+            f"detached for {detached_s:.0f}s (over {stalled_after_s:g}s){why}",
+        )
+    return state, f"{report.daemon}: {reason}" if several and reason else reason
 
 
 def _dead_daemons(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any, cast
@@ -11,7 +12,10 @@ from typing import Any, cast
 import asyncpg
 import pytest
 from aiokafka import TopicPartition
+from hypothesis import given
+from hypothesis import strategies as st
 
+from engine.lane import Lane
 from engine.lane_state import (
     DaemonReport,
     LaneReport,
@@ -103,10 +107,12 @@ def _report(
     daemon: str,
     state: LaneState = LaneState.ATTACHED,
     reason: str | None = None,
+    *,
     partitions: Sequence[int] = (0, 1, 2),
     age_s: float = 1.0,
+    detached_s: float | None = None,
 ) -> DaemonReport:
-    return DaemonReport(daemon, state, reason, tuple(partitions), age_s)
+    return DaemonReport(daemon, state, reason, tuple(partitions), age_s, detached_s)
 
 
 def _waiting(
@@ -236,6 +242,84 @@ def test_worst_state_order(worse: LaneState, better: LaneState) -> None:
     assert _state(reports)[0] is worse
 
 
+# -- a lane detached too long -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "reason"),
+    [
+        (LaneState.DETACHED, "its store has not answered for 40s"),
+        # The rebalance case of issue 14: "catching up" for ever behind a frozen store.
+        (LaneState.CATCHING_UP, "catching up alone from its own offsets (detached: hung store)"),
+    ],
+)
+def test_a_lane_detached_longer_than_the_limit_is_stalled_saying_for_how_long(
+    state: LaneState, reason: str
+) -> None:
+    # Progress moved a moment ago and nothing waits long: only the detach tells.
+    assert _state([_report(A, state, reason, detached_s=45.4)]) == (
+        LaneState.STALLED,
+        f"detached for 45s (over 30s): {reason}",
+    )
+
+
+def test_a_lane_detached_within_the_limit_keeps_its_state() -> None:
+    report = _report(A, LaneState.CATCHING_UP, "catching up alone", detached_s=29.0)
+    assert _state([report]) == (LaneState.CATCHING_UP, "catching up alone")
+
+
+def test_with_several_daemons_the_one_whose_lane_is_detached_too_long_is_named() -> None:
+    reports = [
+        _report(A, partitions=(0, 1)),
+        _report(B, LaneState.DETACHED, "hung store", partitions=(2,), detached_s=31.0),
+    ]
+    assert _state(reports) == (LaneState.STALLED, f"{B}: detached for 31s (over 30s): hung store")
+
+
+def test_a_dead_daemons_detached_lane_is_judged_by_the_dead_daemon_rule() -> None:
+    # Its row is stale: what it said (detached since long ago) is not current.
+    report = _report(A, LaneState.DETACHED, "hung store", age_s=60.0, detached_s=90.0)
+    assert _state([report]) == (
+        LaneState.NO_DAEMON,
+        f"no daemon is running; the last report was from {A} 60s ago",
+    )
+
+
+REPORTED = st.sampled_from([s for s in LaneState if s not in {LaneState.NO_DAEMON}])
+
+
+@given(
+    state=REPORTED,
+    detached_s=st.none() | st.floats(min_value=0, max_value=1e6),
+    events=st.integers(min_value=0, max_value=10**6),
+    waited_s=st.floats(min_value=0, max_value=1e6),
+)
+def test_the_detach_rule_stalls_exactly_the_lanes_detached_past_the_limit(
+    state: LaneState, detached_s: float | None, events: int, waited_s: float
+) -> None:
+    # A busy projection: any lag, any wait, progress a moment ago.
+    busy = [_waiting(0, events=events, waited_s=waited_s, progress_age_s=0.5)]
+    judged, _reason = _state([_report(A, state, "why", detached_s=detached_s)], busy)
+    too_long = detached_s is not None and detached_s > STALLED_S
+    if state in {LaneState.DETACHED, LaneState.CATCHING_UP}:
+        assert (judged is LaneState.STALLED) == too_long
+    else:  # attached, however far behind, is never stalled by lag it is moving through
+        assert judged is state
+
+
+def test_a_lane_keeps_the_time_it_was_first_detached_until_it_re_attaches() -> None:
+    lane = cast(Lane, SimpleNamespace(_detached=False, detached_since=None))
+    detach = Lane.detached.fset
+    assert detach is not None
+    detach(lane, True)
+    first = lane.detached_since
+    assert first is not None and first <= time.monotonic()
+    detach(lane, True)  # a rebalance restarts its catch-up: still detached since then
+    assert lane.detached_since == first
+    detach(lane, False)
+    assert lane.detached_since is None
+
+
 # -- the recorder, with Postgres faults injected ---------------------------------------
 
 
@@ -293,6 +377,7 @@ async def test_the_recorder_reports_until_cancelled_then_deletes_its_rows() -> N
         failing=None,
         ready=ready,
         waiting_since=None,
+        detached_since=time.monotonic() - 12.0,
         next_offset={TopicPartition("t", 2): 9, TopicPartition("t", 0): 4},
     )
     runner = SimpleNamespace(lanes=[lane], stranded={}, catching_up=frozenset({lane.name}))
@@ -311,5 +396,7 @@ async def test_the_recorder_reports_until_cancelled_then_deletes_its_rows() -> N
         ["catching up alone from its own offsets (detached: hung store: no answer for 3.0s)"],
         ["{0,2}"],
     )
+    (detached_s,) = args[6]
+    assert 12.0 <= detached_s < 20.0  # how long ago it was detached, for Postgres' clock
     last, last_args = postgres.statements[-1]
     assert last.startswith("DELETE FROM engine_lane_states") and last_args == ("host:7:abcdef",)
