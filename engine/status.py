@@ -18,7 +18,9 @@ the newest change a reader of the projection may be missing is. The age of the
 newest *applied* event, which the progress rows hold, would be cheaper but
 wrong for an idle partition: quiet for a day, it would show a day of lag on
 its first new event. How long events wait in the outbox before they are
-published is reported separately (``OutboxStatus``).
+published is reported separately (``OutboxStatus``), with whether the relay is
+stalled (events wait and it published nothing for ``relay.stalled_after_s``;
+the rule and why it does not fire on a busy relay: :mod:`engine.relay_state`).
 
 The state (attached, catching up, detached, stranded, parked, stalled, no
 daemon) combines what each live daemon records about its lanes with the lag
@@ -60,8 +62,9 @@ from engine.lane_state import (
 from engine.postgres import outbox
 from engine.postgres.checkpoints import Checkpoint, CheckpointStore, PartitionProgress
 from engine.postgres.deadletters import DeadLetterStore, Parked
+from engine.relay_state import relay_stall
 from engine.resources import Resources
-from engine.settings import KafkaSettings, RunnerSettings, Settings
+from engine.settings import KafkaSettings, RelaySettings, RunnerSettings, Settings
 
 # Reading the first unprocessed record of a partition should take milliseconds;
 # past this, its time is reported as unknown rather than holding the caller.
@@ -177,6 +180,7 @@ class OutboxStatus(_Model):
     stalled: bool = False
     """Events wait and the relay has published nothing for ``relay.stalled_after_s``."""
     stalled_reason: str | None = None
+    """Why it is stalled (how many wait, since when, the leader's lease); None if not."""
 
 
 class EngineStatus(_Model):
@@ -190,8 +194,8 @@ class EngineStatus(_Model):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def healthy(self) -> bool:
-        """Every projection is healthy."""
-        return all(p.healthy for p in self.projections)
+        """Every projection is healthy and the relay is not stalled."""
+        return all(p.healthy for p in self.projections) and not self.outbox.stalled
 
 
 async def collect_status(
@@ -231,10 +235,17 @@ async def collect_status(
             )
             for name in names
         ],
-        outbox=OutboxStatus(
-            unpublished=recorded.backlog.count,
-            oldest_age_seconds=_age(recorded.backlog.oldest_at, now),
-        ),
+        outbox=_outbox(recorded.backlog, settings.relay, now),
+    )
+
+
+def _outbox(backlog: outbox.Backlog, relay: RelaySettings, now: datetime) -> OutboxStatus:
+    stalled = relay_stall(backlog, relay.stalled_after_s)
+    return OutboxStatus(
+        unpublished=backlog.count,
+        oldest_age_seconds=_age(backlog.oldest_at, now),
+        stalled=stalled is not None,
+        stalled_reason=stalled,
     )
 
 

@@ -35,8 +35,9 @@ def status_command(
     The state is attached, catching up, detached, stranded, parked, stalled or
     no daemon, with the reason. Exits 1 when a projection is failing now, has
     dead letters waiting, or is stranded, stalled or detached (lag alone is not
-    a failure), 4 when PostgreSQL or Kafka cannot be reached. For the services
-    themselves, see `engine stack status`.
+    a failure), or when the relay is stalled (events wait and nothing was
+    published for relay.stalled_after_s); 4 when PostgreSQL or Kafka cannot be
+    reached. For the services themselves, see `engine stack status`.
     """
     settings = load_settings()
     status = run_reporting_errors(lambda: asyncio.run(_collect(settings)))
@@ -53,6 +54,12 @@ def status_command(
             " list` and `engine dlq replay`)",
             highlight=False,
         )
+    if status.outbox.stalled:
+        err_console().print(
+            f"needs attention: the relay is stalled: {status.outbox.stalled_reason}",
+            highlight=False,
+        )
+    if not status.healthy:
         raise typer.Exit(ExitCode.FAILED)
 
 
@@ -99,8 +106,12 @@ def _last_error(p: ProjectionStatus) -> Text:
     return Text(f"recovered; at {at}: {p.last_error[:160]}", style="dim")
 
 
-def _outbox_line(status: EngineStatus) -> str:
+def _outbox_line(status: EngineStatus) -> Text:
     box = status.outbox
-    if box.oldest_age_seconds is None:
-        return f"outbox: {box.unpublished} unpublished"
-    return f"outbox: {box.unpublished} unpublished, the oldest {box.oldest_age_seconds:.1f}s old"
+    line = Text(f"outbox: {box.unpublished} unpublished")
+    if box.oldest_age_seconds is not None:
+        line.append(f", the oldest {box.oldest_age_seconds:.1f}s old")
+    if box.stalled:
+        line.append("; relay stalled", style="bold red")
+        line.append(f": {box.stalled_reason}")
+    return line

@@ -318,26 +318,61 @@ async def pending_count(conn: Connection) -> int:
 
 @dataclass(frozen=True)
 class Backlog:
-    """What the relay still has to publish: how many rows, and when the first one occurred."""
+    """What the relay still has to publish, and when it last published (ages by Postgres' clock)."""
 
     count: int
     oldest_at: datetime | None
+    waited_s: float | None = None
+    """Seconds since the first unpublished event occurred; None if none waits."""
+    last_published_s: float | None = None
+    """Seconds since the relay last marked a row published; None if no published row is kept
+    (none yet, or all purged after ``retention_hours``)."""
+    leader: str | None = None
+    """The relay that last held the leader lease (its name), if any ever did."""
+    lease_age_s: float | None = None
+    """Seconds since that lease was renewed."""
 
 
 async def pending_backlog(conn: Connection) -> Backlog:
-    """Unpublished rows and the time of the lowest position among them.
+    """Unpublished rows, the time of the lowest position among them, the last publish, the lease.
 
-    The lowest position stands for the oldest: both index look-ups, so this
-    stays cheap with a large backlog (an exact ``min(occurred_at)`` would join
-    every pending row).
+    The lowest position stands for the oldest, and the newest ``published_at``
+    for the last publish: index look-ups all (``engine_outbox_pending``,
+    ``engine_outbox_published``), so this stays cheap with a large backlog (an
+    exact ``min(occurred_at)`` would join every pending row).
     """
     row = await conn.fetchrow(
-        "SELECT (SELECT count(*) FROM engine_outbox WHERE published_at IS NULL) AS count,"
-        " (SELECT e.occurred_at FROM engine_event_log e WHERE e.position ="
-        " (SELECT min(position) FROM engine_outbox WHERE published_at IS NULL)) AS oldest_at"
+        """
+        WITH oldest AS (
+            SELECT e.occurred_at FROM engine_event_log e WHERE e.position =
+                (SELECT min(position) FROM engine_outbox WHERE published_at IS NULL)
+        ), lease AS (
+            SELECT holder_name, renewed_at FROM engine_relay_lease
+            ORDER BY renewed_at DESC LIMIT 1
+        )
+        SELECT (SELECT count(*) FROM engine_outbox WHERE published_at IS NULL) AS count,
+            (SELECT occurred_at FROM oldest) AS oldest_at,
+            extract(epoch FROM now() - (SELECT occurred_at FROM oldest)) AS waited_s,
+            extract(epoch FROM now() - (SELECT max(published_at) FROM engine_outbox
+                WHERE published_at IS NOT NULL)) AS last_published_s,
+            (SELECT holder_name FROM lease) AS leader,
+            extract(epoch FROM now() - (SELECT renewed_at FROM lease)) AS lease_age_s
+        """
     )
     assert row is not None  # a SELECT without FROM always returns one row
-    return Backlog(count=int(row["count"]), oldest_at=row["oldest_at"])
+    return Backlog(
+        count=int(row["count"]),
+        oldest_at=row["oldest_at"],
+        waited_s=_seconds(row["waited_s"]),
+        last_published_s=_seconds(row["last_published_s"]),
+        leader=row["leader"],
+        lease_age_s=_seconds(row["lease_age_s"]),
+    )
+
+
+def _seconds(value: object) -> float | None:
+    # extract(epoch ...) is numeric: a Decimal to asyncpg.
+    return None if value is None else max(0.0, float(str(value)))
 
 
 async def read_log(
