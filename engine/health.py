@@ -92,12 +92,20 @@ class StatusSampler:
         return await self.sample()
 
     async def run(self) -> None:
-        """Sample every ``interval_s`` until cancelled."""
+        """Sample every ``interval_s`` until cancelled; a collect in flight is cancelled too."""
         loop = asyncio.get_running_loop()
-        while True:
-            started = loop.time()
-            await self.sample()
-            await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
+        try:
+            while True:
+                started = loop.time()
+                await self.sample()
+                await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
+        finally:
+            # sample() shields the collect from its callers; the sampler's end is its end
+            # too (the connections it reads through close next).
+            taking = self._taking
+            if taking is not None:
+                taking.cancel()
+                await asyncio.wait({taking})
 
 
 # -- readiness ------------------------------------------------------------------------

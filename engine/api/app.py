@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from engine.api.context import ApiContext, open_api_context
 from engine.api.correlation import CorrelationId
 from engine.api.errors import install_error_handlers
+from engine.api.health import router as health_router
 from engine.api.limits import BodyLimit
 from engine.api.metrics import install_metrics
 from engine.api.openapi import error_responses, install_openapi
@@ -67,8 +68,14 @@ def create_app(settings: Settings, application: Application) -> FastAPI:
     )
     async def status(request: Request) -> EngineStatus:
         context: ApiContext = request.app.state.context
+        # The background sample while fresh: many open pages cost one collect per interval.
+        sample = await context.sampler.current(max_age_s=settings.ops.status_interval_s)
+        if sample.status is not None:
+            return sample.status
+        # It failed: collect here, so the answer is the service's error, mapped as usual.
         return await collect_status(settings, application, context.reads)
 
+    app.include_router(health_router)
     if application.api is not None:
         app.include_router(application.api())
     install_page(app)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,9 +17,11 @@ from engine.application import Application
 from engine.commands import CommandBus, CommandResult
 from engine.consistency import ConsistencyGate, ConsistencyToken
 from engine.errors import ConfigurationError, ValidationFailedError
+from engine.health import StatusSampler
 from engine.postgres.pool import create_pool
 from engine.resources import Resources, open_resources
 from engine.settings import Settings, env_var
+from engine.status import collect_status
 
 T = TypeVar("T")
 
@@ -32,6 +36,9 @@ class ApiContext:
     # The read side: ``pool`` here is the read-only role's pool.
     reads: Resources
     gate: ConsistencyGate
+    # The engine's status, sampled in the background for the process's life: what
+    # /health/ready judges and what GET /status answers while it is fresh.
+    sampler: StatusSampler
     # What an application builds once from the context (its query objects): see memo.
     _memo: dict[Callable[[ApiContext], Any], Any] = field(
         default_factory=dict, compare=False, repr=False
@@ -60,7 +67,7 @@ async def open_api_context(
 ) -> AsyncIterator[ApiContext]:
     write_pool = await create_pool(settings.postgres)
     try:
-        async with _open_reads(settings) as reads:
+        async with _open_reads(settings) as reads, _sampling(settings, application, reads) as s:
             yield ApiContext(
                 settings=settings,
                 application=application,
@@ -69,9 +76,29 @@ async def open_api_context(
                 gate=ConsistencyGate(
                     reads.pool, settings.kafka.topic, settings.api.consistency_timeout_s
                 ),
+                sampler=s,
             )
     finally:
         await write_pool.close()
+
+
+@asynccontextmanager
+async def _sampling(
+    settings: Settings, application: Application, reads: Resources
+) -> AsyncIterator[StatusSampler]:
+    """A status sampler running in the background until the block ends (then cancelled)."""
+    sampler = StatusSampler(
+        lambda: collect_status(settings, application, reads),
+        interval_s=settings.ops.status_interval_s,
+        timeout_s=settings.ops.status_timeout_s,
+    )
+    task = asyncio.create_task(sampler.run(), name="status sampler")
+    try:
+        yield sampler
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @asynccontextmanager

@@ -41,7 +41,9 @@ QUERIES = {
     "search": {"200", "422", "503"},
     "status": {"200", "503"},
 }
-OPEN = {"health": {"200"}}
+OPEN = {"health": {"200"}, "health_live": {"200"}, "health_ready": {"200", "503"}}
+# Answers whose body is not an ApiError: the readiness verdict, 503 included.
+VERDICTS = {("health_ready", "200"), ("health_ready", "503")}
 
 
 def _document(**api: Any) -> dict[str, Any]:
@@ -73,12 +75,21 @@ def test_every_operation_declares_exactly_the_statuses_it_can_answer(
 def test_every_error_answer_is_an_api_error(document: dict[str, Any]) -> None:
     for name, operation in _operations(document).items():
         for code, response in operation["responses"].items():
-            if int(code) >= 400:
+            if int(code) >= 400 and (name, code) not in VERDICTS:
                 schema = response["content"]["application/json"]["schema"]
                 assert schema == {"$ref": "#/components/schemas/ApiError"}, (name, code)
     schemas = document["components"]["schemas"]
     assert "HTTPValidationError" not in schemas
     assert set(schemas["ApiError"]["required"]) == {"error", "message"}
+
+
+def test_not_ready_answers_the_verdict_naming_what_is_stalled(document: dict[str, Any]) -> None:
+    responses = _operations(document)["health_ready"]["responses"]
+    for code in ("200", "503"):
+        schema = responses[code]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/ReadinessBody"}, code
+    body = document["components"]["schemas"]["ReadinessBody"]
+    assert set(body["required"]) == {"status", "problems", "sample_age_s"}
 
 
 def test_without_keys_nothing_asks_for_one(document: dict[str, Any]) -> None:
