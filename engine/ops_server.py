@@ -11,8 +11,8 @@ that is blocked answers no probe, which is exactly what liveness must see.
 Bounds, so a slow or hostile client costs little: a request head larger than
 ``MAX_HEAD_BYTES`` gets 431, one that does not arrive within
 ``REQUEST_TIMEOUT_S`` is dropped, a response that cannot be written within it
-is abandoned, and at most ``MAX_CONNECTIONS`` are served at once (more wait
-in the kernel's backlog).
+is abandoned, and at most ``MAX_CONNECTIONS`` are served at once (the others
+wait their turn, then get the same bounds).
 
 - ``/health/live``: 200 while the process's loop runs and the work it serves
   for (the runner, the supervisor, the relay loop: :meth:`ProcessOps.follow`)

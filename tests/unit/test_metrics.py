@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -194,3 +198,29 @@ async def test_the_api_shows_the_status_gauges_of_the_sample_it_takes() -> None:
         text = (await client.get("/metrics")).text
     assert 'engine_projection_stalled{projection="order_search"} 1.0' in text
     assert "engine_outbox_backlog_events 7.0" in text
+
+
+def test_workers_counts_are_summed_and_kept_after_they_exit() -> None:
+    """Two worker processes count into the directory; the sums survive their exit."""
+    count = (
+        "from engine import metrics; "
+        "metrics.EVENTS_APPLIED.labels('p').inc(5); "
+        "metrics.BATCH_APPLY_SECONDS.labels('p', 'redis').observe(0.01)"
+    )
+    with metrics.workers_directory() as directory:
+        env = {**os.environ, metrics.MULTIPROCESS_ENV: directory}
+        for _ in range(2):
+            worker = subprocess.Popen([sys.executable, "-c", count], env=env)
+            assert worker.wait(timeout=60) == 0
+            metrics.worker_exited(directory, worker.pid)
+        text = metrics.render(multiprocess_dir=directory).decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        (applied,) = families["engine_events_applied"].samples
+        assert applied.value == 10
+        counts = [
+            s.value
+            for s in families["engine_batch_apply_duration_seconds"].samples
+            if s.name.endswith("_count")
+        ]
+        assert counts == [2]
+    assert not Path(directory).exists()
