@@ -111,6 +111,26 @@ def _collect(settings: Settings, resources: Resources) -> Callable[[], Awaitable
     return lambda: collect_status(settings, APP, resources)
 
 
+async def _only_stalled(status: Callable[[], Awaitable[EngineStatus]], name: str) -> None:
+    """``name`` alone is stalled, for the time it has been detached; so not healthy."""
+    now = await status()
+    shown = {p.name: p for p in now.projections}
+    stuck = shown.pop(name)
+    assert stuck.state is LaneState.STALLED, stuck
+    assert stuck.state_reason and "detached for" in stuck.state_reason, stuck.state_reason
+    assert not stuck.healthy and not now.healthy
+    assert LaneState.STALLED not in {p.state for p in shown.values()}, shown
+
+
+async def _not_ready_for(api: httpx.AsyncClient, name: str) -> None:
+    """/health/ready answers 503 naming ``name`` alone, detached too long."""
+    code, body = await _ready(api)
+    assert code == 503 and body["status"] == "not ready", body
+    (problem,) = body["problems"]
+    assert problem["component"] == name, body
+    assert "detached for" in problem["reason"], body
+
+
 @contextlib.asynccontextmanager
 async def _flowing(bus: CommandBus) -> AsyncIterator[None]:
     """Orders created and confirmed in the background inside the block."""
@@ -132,16 +152,18 @@ async def _flowing(bus: CommandBus) -> AsyncIterator[None]:
 
 
 @pytest.mark.timeout(120)
-async def test_a_search_lane_detached_behind_frozen_elasticsearch_stalls_then_clears(
-    bus: CommandBus, settings_for_test: Settings, resources: Resources, tmp_path: Path
+async def test_search_detached_behind_frozen_elasticsearch_through_a_rebalance_stalls_then_clears(
+    bus: CommandBus,
+    pool: asyncpg.Pool,
+    settings_for_test: Settings,
+    resources: Resources,
+    tmp_path: Path,
 ) -> None:
-    """Issue 14's report: search stuck during an Elasticsearch outage while status said healthy."""
+    """Issue 14's report: search stuck after a rebalance during an Elasticsearch outage."""
     settings = _stalling(settings_for_test)
     env = _env(settings, free_port())
     status = _collect(settings, resources)
-    runner = build_runner(
-        APP, Resources(settings, resources.pool, resources.redis, resources.elasticsearch)
-    )
+    runner = build_runner(APP, _ours(settings, resources))
     search = next(lane for lane in runner.lanes if lane.name == SEARCH)
     stop = asyncio.Event()
     relay = OutboxRelay(settings.postgres, settings.kafka, settings.relay)
@@ -151,26 +173,21 @@ async def test_a_search_lane_detached_behind_frozen_elasticsearch_stalls_then_cl
             await eventually(lambda: _is_ready(api), timeout_s=60)
             async with _flowing(bus), frozen_elasticsearch(settings):
                 await wait_for(lambda: search.detached, "search to detach", 30)
+                # A second daemon joins the group: the partitions are shared out again,
+                # the first daemon's catch-up restarts, the newcomer's search lane hangs.
+                joiner = build_runner(APP, _ours(settings, resources))
+                tasks.append(asyncio.create_task(joiner.run(stop)))
 
-                async def search_stalled_for_its_detach() -> None:
-                    now = await status()
-                    shown = {p.name: p for p in now.projections}
-                    frozen = shown.pop(SEARCH)
-                    assert frozen.state is LaneState.STALLED, frozen
-                    assert frozen.state_reason and "detached for" in frozen.state_reason
-                    assert not frozen.healthy and not now.healthy
-                    assert LaneState.STALLED not in {p.state for p in shown.values()}
+                async def two_daemons_report_search() -> None:
+                    daemons = await pool.fetchval(
+                        "SELECT count(*) FROM engine_lane_states WHERE projection = $1", SEARCH
+                    )
+                    assert daemons == 2
+                    assert any(lane.next_offset for lane in joiner.lanes)  # rebalanced
 
-                await eventually(search_stalled_for_its_detach, timeout_s=30)
-
-                async def api_not_ready() -> None:
-                    code, body = await _ready(api)
-                    assert code == 503 and body["status"] == "not ready", body
-                    (problem,) = body["problems"]
-                    assert problem["component"] == SEARCH, body
-                    assert "detached for" in problem["reason"], body
-
-                await eventually(api_not_ready, timeout_s=10)
+                await eventually(two_daemons_report_search, timeout_s=30)
+                await eventually(lambda: _only_stalled(status, SEARCH), timeout_s=30)
+                await eventually(lambda: _not_ready_for(api, SEARCH), timeout_s=10)
                 code, out, err = await run_engine("status", "--json", env=env)
                 assert code == 1, err
                 shown = {p["name"]: p for p in json.loads(out)["projections"]}
@@ -201,9 +218,7 @@ async def test_a_postgres_lane_hung_on_a_lock_stalls_naming_it_then_clears(
     """Another store, another hang: a transaction holds the view's table locked."""
     settings = _stalling(settings_for_test)
     status = _collect(settings, resources)
-    runner = build_runner(
-        APP, Resources(settings, resources.pool, resources.redis, resources.elasticsearch)
-    )
+    runner = build_runner(APP, _ours(settings, resources))
     details = next(lane for lane in runner.lanes if lane.name == DETAILS)
     stop = asyncio.Event()
     relay = OutboxRelay(settings.postgres, settings.kafka, settings.relay)
@@ -218,15 +233,7 @@ async def test_a_postgres_lane_hung_on_a_lock_stalls_naming_it_then_clears(
             async with pool.acquire() as locker, locker.transaction():
                 await locker.execute(f'LOCK TABLE "{table}" IN ACCESS EXCLUSIVE MODE')
                 await wait_for(lambda: details.detached, "order_details to detach", 30)
-
-                async def details_stalled() -> None:
-                    shown = {p.name: p for p in (await status()).projections}
-                    hung = shown[DETAILS]
-                    assert hung.state is LaneState.STALLED, hung
-                    assert hung.state_reason and "detached for" in hung.state_reason
-                    assert shown[SEARCH].state is not LaneState.STALLED, shown[SEARCH]
-
-                await eventually(details_stalled, timeout_s=30)
+                await eventually(lambda: _only_stalled(status, DETAILS), timeout_s=30)
 
         async def cleared() -> None:
             assert (await status()).healthy
