@@ -276,18 +276,18 @@ def up(  # noqa: PLR0917 - one parameter per command-line option
 ) -> None:
     """Run the whole engine: migrate, then the outbox relay, the projection daemon and the API.
 
-        The daemon runs ENGINE_RUNNER__WORKERS consumer processes (default: one per
-        core) under its own supervisor, as `engine run` does; the API runs
-        ENGINE_API__WORKERS server processes (default: one), as `engine api` does.
+    The daemon runs ENGINE_RUNNER__WORKERS consumer processes (default: one per
+    core) under its own supervisor, as `engine run` does; the API runs
+    ENGINE_API__WORKERS server processes (default: one), as `engine api` does.
 
-        The daemon and the relay serve /metrics, /health/live and /health/ready on
+    The daemon and the relay serve /metrics, /health/live and /health/ready on
     ports 18081 and 18082 (see --daemon-metrics-port, --relay-metrics-port), the
     API on its own port.
 
     With --demo, also loads the demo sample, waits until it is projected and
-        prints the URLs and example queries. Runs until SIGTERM/Ctrl-C; exits 1 if
-        one of its processes dies, 3 on a configuration problem, 4 if a service is
-        unreachable.
+    prints the URLs and example queries. Runs until SIGTERM/Ctrl-C; exits 1 if
+    one of its processes dies, 3 on a configuration problem, 4 if a service is
+    unreachable.
     """
     settings = load_settings()
     demo_args: list[str] | None = None
