@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine import metrics
+from engine.correlation import current as current_correlation
 from engine.drivers import START_HINT, postgres_address, postgres_errors
 from engine.errors import (
     CommandIdReusedError,
@@ -57,6 +59,8 @@ from engine.events import DomainEvent
 from engine.postgres import outbox
 from engine.postgres.pool import Connection
 from engine.settings import PostgresSettings
+
+log = logging.getLogger("engine.commands")
 
 
 class Command(BaseModel):
@@ -172,6 +176,7 @@ class CommandBus:
         """Run ``command`` in one transaction; counted in ``engine_commands_total`` by outcome."""
         started = time.perf_counter()
         outcome = "error"
+        result: CommandResult | None = None
         try:
             result = await self._execute_translated(command)
             outcome = "duplicate" if result.duplicate else "accepted"
@@ -187,8 +192,10 @@ class CommandBus:
             raise
         finally:
             kind = type(command).__name__
+            seconds = time.perf_counter() - started
             metrics.COMMANDS.labels(kind, outcome).inc()
-            metrics.COMMAND_SECONDS.labels(kind, outcome).observe(time.perf_counter() - started)
+            metrics.COMMAND_SECONDS.labels(kind, outcome).observe(seconds)
+            _log_outcome(command, kind, outcome, seconds, result if outcome != "error" else None)
 
     async def _execute_translated(self, command: Command) -> CommandResult:
         handler = self._handlers.get(type(command))
@@ -274,9 +281,34 @@ async def _previous_result(conn: Connection, command: Command, digest: str) -> C
     return CommandResult.model_validate({**stored, "duplicate": True})
 
 
+def correlation_of(command: Command) -> UUID:
+    """The correlation id its events carry: the command's own, else the one bound for the
+    work in progress (an API request's ``X-Correlation-ID``), else the command's id."""
+    return command.correlation_id or current_correlation() or command.command_id
+
+
+def _log_outcome(
+    command: Command, kind: str, outcome: str, seconds: float, result: CommandResult | None
+) -> None:
+    """One line per command, carrying what follows it into its events' log lines."""
+    fields: dict[str, object] = {
+        "command": kind,
+        "command_id": str(command.command_id),
+        "outcome": outcome,
+        "correlation_id": str(correlation_of(command)),
+        "duration_ms": round(seconds * 1000, 2),
+    }
+    if result is not None:
+        fields.update(aggregate_id=result.aggregate_id, aggregate_version=result.version)
+        log.info("%s %s: %s v%d", kind, outcome, result.aggregate_id, result.version, extra=fields)
+    else:
+        level = logging.WARNING if outcome in ("error", "unavailable") else logging.INFO
+        log.log(level, "%s %s (%.1f ms)", kind, outcome, seconds * 1000, extra=fields)
+
+
 def _rows(work: UnitOfWork) -> list[outbox.EventRow]:
     command = work.command
-    correlation = command.correlation_id or command.command_id
+    correlation = correlation_of(command)
     return [
         (
             uuid4(),
