@@ -19,7 +19,7 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from engine import codec, metrics
-from engine.deliveries import Batch, Delivery, dead_letter
+from engine.deliveries import Batch, Delivery, dead_letter, log_fields
 from engine.errors import EventDecodeError, PoisonError, VersionGapError
 from engine.gaps import VersionGaps
 from engine.postgres.deadletters import ALL_PROJECTIONS, DeadLetterStore, NewDeadLetter
@@ -94,8 +94,14 @@ class Decoder:
     ) -> Delivery:
         if not isinstance(exc, PoisonError):
             exc = EventDecodeError(f"{type(exc).__name__}: {exc}")
-        log.error("dead-lettering offset %s of %s: %s", message.offset, tp, exc)
         delivery = Delivery(tp, message.offset, message.key, message.value, message.headers, None)
+        log.error(
+            "dead-lettering offset %s of %s: %s",
+            message.offset,
+            tp,
+            exc,
+            extra=log_fields(delivery, ALL_PROJECTIONS),
+        )
         letter = dead_letter(delivery, ALL_PROJECTIONS, exc, attempts=1)
         if check_gaps and letter.aggregate_id and letter.aggregate_version:
             # An event in sequence that does not decode is no gap after it.

@@ -58,7 +58,7 @@ from typing import Any
 from aiokafka import TopicPartition
 
 from engine import metrics
-from engine.deliveries import Batch, Delivery, dead_letter, later_progress
+from engine.deliveries import Batch, Delivery, dead_letter, later_progress, log_fields
 from engine.errors import ServiceUnavailableError, TransientError
 from engine.generations import GenerationFence, take_up
 from engine.parking import ParkedAggregates
@@ -236,6 +236,8 @@ class Lane:
             ]
         wanted = await self.parked.hold(wanted)
         changed = await self._apply(wanted) if wanted else 0
+        if wanted and log.isEnabledFor(logging.DEBUG):  # checked per batch, not per event
+            self._log_applied(wanted)
         for delivery in batch:
             done = delivery.offset + 1
             if self.next_offset.get(delivery.tp, -1) < done:
@@ -329,6 +331,22 @@ class Lane:
         self._done(changed)
         return changed
 
+    def _log_applied(self, deliveries: list[Delivery]) -> None:
+        """At debug level, one line per event applied (or skipped as seen): to follow one."""
+        for delivery in deliveries:
+            if delivery.item is not None:
+                envelope = delivery.item.envelope
+                log.debug(
+                    "%s: applied %s %s v%d (partition %d, offset %d)",
+                    self.name,
+                    envelope.event_type,
+                    envelope.aggregate_id,
+                    envelope.aggregate_version,
+                    delivery.tp.partition,
+                    delivery.offset,
+                    extra=log_fields(delivery, self.name),
+                )
+
     async def _isolate_poison(self, deliveries: list[Delivery], attempts: int) -> int:
         """Apply one event at a time; dead-letter exactly the ones that still fail."""
         total = 0
@@ -351,6 +369,7 @@ class Lane:
                     delivery.offset,
                     delivery.tp,
                     exc,
+                    extra=log_fields(delivery, self.name),
                 )
                 await self._record(dead_letter(delivery, self.name, exc, attempts))
             else:

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from engine import metrics
-from engine.deliveries import Delivery, aggregate_of, dead_letter
+from engine.deliveries import Delivery, aggregate_of, dead_letter, log_fields
 from engine.postgres.deadletters import DeadLetterStore, NewDeadLetter
 from engine.retry import Backoff, any_error, retrying
 
@@ -75,9 +75,16 @@ class ParkedAggregates:
         parked -= {c.aggregate_id for c in candidates if c.aggregate_id} - parking.parked
         if parking.held:
             metrics.EVENTS_DEAD_LETTERED.labels(self._projection).inc(len(parking.held))
-            log.info(
-                "%s: parked %d event(s) behind dead letters", self._projection, len(parking.held)
-            )
+            for delivery in deliveries:
+                if (delivery.tp.partition, delivery.offset) in parking.held:
+                    aggregate_id, version = aggregate_of(delivery)
+                    log.info(
+                        "%s: parked %s v%s behind its dead-lettered event",
+                        self._projection,
+                        aggregate_id,
+                        version,
+                        extra=log_fields(delivery, self._projection),
+                    )
         return [d for d in deliveries if (d.tp.partition, d.offset) not in parking.held]
 
     async def _retrying(self, step: Callable[[], Awaitable[T]]) -> T:

@@ -209,10 +209,10 @@ def child_pids(pid: int) -> set[int]:
 
 
 @contextlib.asynccontextmanager
-async def supervised_engine(
-    command: str, workers: int, env: dict[str, str], log: Path
+async def logged_engine(
+    command: str, env: dict[str, str], log: Path, *options: str
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``engine COMMAND --workers N`` as a subprocess, its output (and its workers') in ``log``.
+    """``engine COMMAND OPTIONS`` as a subprocess, its output (and its workers') in ``log``.
 
     On the way out, if it still runs: SIGTERM, at most 40 s, then SIGKILL for it
     and the workers it had.
@@ -223,10 +223,7 @@ async def supervised_engine(
             "-m",
             "engine",
             command,
-            "--workers",
-            str(workers),
-            "--log-level",
-            "info",
+            *options,
             env={**os.environ, "COLUMNS": "250", **env},
             stdout=out,
             stderr=asyncio.subprocess.STDOUT,
@@ -244,3 +241,10 @@ async def supervised_engine(
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 await process.wait()
+
+
+def supervised_engine(
+    command: str, workers: int, env: dict[str, str], log: Path
+) -> contextlib.AbstractAsyncContextManager[asyncio.subprocess.Process]:
+    """``engine COMMAND --workers N`` as a subprocess, its output in ``log`` (see above)."""
+    return logged_engine(command, env, log, "--workers", str(workers), "--log-level", "info")

@@ -148,4 +148,7 @@ def relay(
     settings = load_settings()
     port = settings.relay.metrics_port if metrics_port is None else metrics_port
     published = run_reporting_errors(lambda: asyncio.run(_relay(settings, once, signals, port)))
-    Console(stderr=True).print(f"relay: published {published} event(s)")
+    if once:  # the command's answer
+        Console(stderr=True).print(f"relay: published {published} event(s)")
+    else:  # a daemon's last word: a log line like the others (JSON when not a terminal)
+        log.info("relay stopped; it published %d event(s)", published)

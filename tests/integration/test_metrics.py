@@ -15,7 +15,6 @@ import contextlib
 import os
 import signal
 import socket
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine import Resources, Settings
 from engine.postgres.checkpoints import CheckpointStore
 from projections.orders import APP
-from tests.helpers import child_pids, free_port, run_engine, settings_env
+from tests.helpers import child_pids, free_port, logged_engine, run_engine, settings_env
 from tests.integration.read.faults import frozen_elasticsearch, wait_for
 
 pytestmark = pytest.mark.timeout(150)
@@ -100,26 +99,8 @@ async def _engine(
     """``engine COMMAND [--workers N]``, its log in tmp_path; it must stop cleanly on SIGTERM."""
     log = tmp_path / f"{command}.log"
     options = [] if workers is None else ["--workers", str(workers)]
-    with log.open("wb") as out:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "engine", command, *options,
-            env={**os.environ, "COLUMNS": "250", **env},
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-    try:
+    async with logged_engine(command, env, log, *options) as process:
         yield process
-    finally:
-        if process.returncode is None:
-            children = child_pids(process.pid)
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 40)
-            except TimeoutError:
-                for pid in (process.pid, *children):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                await process.wait()
     assert process.returncode == 0, log.read_text(errors="replace")[-3000:]
 
 
