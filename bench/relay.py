@@ -33,7 +33,8 @@ from bench.stats import rate, summarize
 from engine import Settings, create_pool
 from engine.postgres import outbox
 
-_PUBLISHED = re.compile(r"relay: published (\d+) event")
+# The relay's last word: "relay stopped; it published N event(s)" (a log line, text or JSON).
+_PUBLISHED = re.compile(r"it published (\d+) event")
 
 
 @dataclass(frozen=True)

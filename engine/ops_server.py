@@ -35,17 +35,18 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 from http import HTTPStatus
 from typing import Any, Literal
 
 from engine import metrics
+from engine.application import load_application
 from engine.errors import TransientError
 from engine.health import Problem, Readiness, StatusSampler, readiness
 from engine.resources import Resources, open_resources
 from engine.settings import Settings
-from engine.status import EngineStatus
+from engine.status import EngineStatus, collect_status
 
 log = logging.getLogger("engine.ops")
 
@@ -203,6 +204,18 @@ class ProcessOps:
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+    async def sample_on(self, stack: AsyncExitStack, resources: Resources | None = None) -> None:
+        """Sample the status until ``stack`` closes, with ``resources`` (the daemon's own), else
+        with connections of its own (:func:`status_resources`: a supervisor's, the relay's)."""
+        settings = self._settings
+        application = load_application(settings.app)
+        if resources is None:
+            resources = await stack.enter_async_context(status_resources(settings))
+        reads = resources
+        await stack.enter_async_context(
+            self.sampling(lambda: collect_status(settings, application, reads))
+        )
 
     def readiness(self) -> Readiness:
         if self.sampler is None:

@@ -20,12 +20,11 @@ from engine.cli.app import ExitCode, app, err_console, load_settings, run_report
 from engine.cli.logs import configure
 from engine.daemon import build_runner
 from engine.drivers import kafka_address, postgres_address
-from engine.ops_server import serving, status_resources
+from engine.ops_server import serving
 from engine.resources import Resources, open_resources
 from engine.retry import Backoff
 from engine.settings import Settings, env_var
 from engine.startup import StartupStopped, StartupWait, StopSignals, check_postgres, login_errors
-from engine.status import collect_status
 from engine.supervisor import (
     STOP_MARGIN_S,
     Supervisor,
@@ -53,9 +52,7 @@ async def _run(
             return
         runner = build_runner(application, resources)
         if ops is not None:  # stops sampling before the resources close (the stack's order)
-            await stack.enter_async_context(
-                ops.sampling(lambda: collect_status(settings, application, resources))
-            )
+            await ops.sample_on(stack, resources)
         _tune_collector()
         running = asyncio.ensure_future(runner.run(stop, until_caught_up=until_caught_up))
         if ops is not None:
@@ -144,11 +141,7 @@ async def _supervise(
             serving(settings, metrics_port, "daemon", multiprocess_dir=directory)
         )
         if ops is not None:
-            application = load_application(settings.app)
-            resources = await stack.enter_async_context(status_resources(settings))
-            await stack.enter_async_context(
-                ops.sampling(lambda: collect_status(settings, application, resources))
-            )
+            await ops.sample_on(stack)
         running = asyncio.ensure_future(supervisor.run(stop))
         if ops is not None:
             ops.follow(running)

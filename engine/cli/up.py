@@ -136,6 +136,7 @@ def _announce(
     console.print("[bold green]engine is up[/bold green]")
     console.print(f"  API        {base}")
     console.print(f"  API docs   {base}/docs")
+    console.print(f"  live page  {base}/")
     console.print("  status     engine status   (or GET /status)")
     console.print(f"  metrics    {base}/metrics   (the API's)")
     for part, title in (("run", "daemon"), ("relay", "relay")):

@@ -14,7 +14,7 @@ from engine.application import load_application
 from engine.cli.app import app, load_settings, run_reporting_errors
 from engine.cli.logs import configure
 from engine.drivers import kafka_address, postgres_address
-from engine.ops_server import serving, status_resources
+from engine.ops_server import serving
 from engine.postgres.migrations import migrate as apply_migrations
 from engine.postgres.pool import create_pool
 from engine.postgres.roles import grant_read_access
@@ -22,7 +22,6 @@ from engine.relay import OutboxRelay
 from engine.retry import Backoff
 from engine.settings import Settings, env_var
 from engine.startup import StartupStopped, StartupWait, StopSignals, check_postgres
-from engine.status import collect_status
 from engine.topics import ensure_topic
 
 log = logging.getLogger("engine.relay")
@@ -84,11 +83,7 @@ async def _relay(
             log.info("relay stopped before it started (%s)", exc)
             return 0
         if ops is not None:
-            application = load_application(settings.app)
-            resources = await stack.enter_async_context(status_resources(settings))
-            await stack.enter_async_context(
-                ops.sampling(lambda: collect_status(settings, application, resources))
-            )
+            await ops.sample_on(stack)
         running = asyncio.ensure_future(relay.run(stop))
         if ops is not None:
             ops.follow(running)
