@@ -218,9 +218,11 @@ class StatusCollector(Collector):
     """The status gauges, rendered at scrape time from a sampler's last good sample.
 
     ``projections`` renders the per-projection gauges (the daemon's), ``outbox``
-    the outbox and relay ones (the relay's): each process exposes what it is
-    responsible for, so no series comes from two jobs. The sample's age and
-    whether the latest collect worked are always rendered.
+    the outbox and relay ones (the relay's): the daemon and the relay each
+    expose what they are responsible for. The API renders both, so that it
+    alone is enough to scrape; where the daemon or relay is scraped too, the
+    same series comes from two jobs (the alert rules take the max). The
+    sample's age and whether the latest collect worked are always rendered.
     """
 
     def __init__(
