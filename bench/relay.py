@@ -61,8 +61,9 @@ async def _case(env: Isolated, relays: int, config: RelayConfig, out: Path) -> d
         async with pool.acquire() as conn:
             await copy_to_log(conn, EventStream(config.events, config.seed), outbox=True)
         spawned = time.perf_counter()
+        # Info: the relay's last line, which says how many events it published, is at info.
         processes = [
-            await start_engine(env, ["relay", "--log-level", "warning"], out / "logs", f"relay{n}")
+            await start_engine(env, ["relay", "--log-level", "info"], out / "logs", f"relay{n}")
             for n in range(relays)
         ]
         try:
