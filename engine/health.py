@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from engine.lane_state import LaneState
@@ -106,6 +107,16 @@ class StatusSampler:
             if taking is not None:
                 taking.cancel()
                 await asyncio.wait({taking})
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[StatusSampler]:
+        """Sample in the background inside the block; cancelled (and awaited) on the way out."""
+        task = asyncio.create_task(self.run(), name="status sampler")
+        try:
+            yield self
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 # -- readiness ------------------------------------------------------------------------

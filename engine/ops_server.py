@@ -198,12 +198,8 @@ class ProcessOps:
         self._collector = metrics.StatusCollector(
             sampler, projections=self._projections, outbox=self._outbox
         )
-        task = asyncio.create_task(sampler.run(), name="status sampler")
-        try:
+        async with sampler.running():
             yield
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     async def sample_on(self, stack: AsyncExitStack, resources: Resources | None = None) -> None:
         """Sample the status until ``stack`` closes, with ``resources`` (the daemon's own), else

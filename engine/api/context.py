@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -67,7 +65,10 @@ async def open_api_context(
 ) -> AsyncIterator[ApiContext]:
     write_pool = await create_pool(settings.postgres)
     try:
-        async with _open_reads(settings) as reads, _sampling(settings, application, reads) as s:
+        async with (
+            _open_reads(settings) as reads,
+            _sampler(settings, application, reads).running() as s,
+        ):
             yield ApiContext(
                 settings=settings,
                 application=application,
@@ -82,23 +83,12 @@ async def open_api_context(
         await write_pool.close()
 
 
-@asynccontextmanager
-async def _sampling(
-    settings: Settings, application: Application, reads: Resources
-) -> AsyncIterator[StatusSampler]:
-    """A status sampler running in the background until the block ends (then cancelled)."""
-    sampler = StatusSampler(
+def _sampler(settings: Settings, application: Application, reads: Resources) -> StatusSampler:
+    return StatusSampler(
         lambda: collect_status(settings, application, reads),
         interval_s=settings.ops.status_interval_s,
         timeout_s=settings.ops.status_timeout_s,
     )
-    task = asyncio.create_task(sampler.run(), name="status sampler")
-    try:
-        yield sampler
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @asynccontextmanager

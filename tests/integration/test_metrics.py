@@ -4,7 +4,8 @@ Every process is the real `engine` command with this test's settings. Commands
 go through the API; counts scraped from each process are compared with what
 was sent and with what the engine recorded (the checkpoints' applied counts,
 the event log). Elasticsearch is frozen (SIGSTOP) to see a projection's lag go
-up on the daemon's /metrics, and back to 0 once it is resumed. With
+up on the daemon's /metrics and its /health/ready fail naming the projection
+once it is stalled, and both clear once it is resumed. With
 ``--workers 2`` the counts are every worker's, summed, whichever process answers.
 """
 
@@ -160,6 +161,23 @@ def _projection_names(resources: Resources) -> list[str]:
     return [projection.name for projection, _ in APP.projections(resources)]
 
 
+async def _until_ready(
+    client: httpx.AsyncClient, url: str, code: int, naming: str | None = None
+) -> None:
+    """Until ``url`` answers ``code`` (and names ``naming`` among its problems)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    body: object = None
+    while loop.time() < deadline:
+        answer = await client.get(url, timeout=10)
+        body = answer.json()
+        named = naming is None or naming in {p["component"] for p in answer.json()["problems"]}
+        if answer.status_code == code and named:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{url} never answered {code} naming {naming}: {body}")
+
+
 async def test_relay_daemon_and_api_metrics_move_with_the_commands_and_the_lag(
     settings_for_test: Settings, pool: asyncpg.Pool, resources: Resources, tmp_path: Path
 ) -> None:
@@ -169,6 +187,8 @@ async def test_relay_daemon_and_api_metrics_move_with_the_commands_and_the_lag(
         "ENGINE_API__PORT": str(api_port),
         "ENGINE_RELAY__METRICS_PORT": str(relay_port),
         "ENGINE_RUNNER__METRICS_PORT": str(daemon_port),
+        # Search, detached behind the frozen store below, is stalled after this long.
+        "ENGINE_RUNNER__STALLED_AFTER_S": "3",
     }
     api, relay, daemon = (
         f"http://127.0.0.1:{api_port}",
@@ -247,6 +267,8 @@ async def test_relay_daemon_and_api_metrics_move_with_the_commands_and_the_lag(
                 "order_search's lag to show",
                 lambda f: _sum(f, "engine_projection_lag_events", projection="order_search") > 0,
             )
+            # Detached longer than stalled_after_s: the daemon's readiness names it.
+            await _until_ready(client, f"{daemon}/health/ready", 503, "order_search")
         figures = await _until(
             client,
             f"{daemon}/metrics",
@@ -257,6 +279,8 @@ async def test_relay_daemon_and_api_metrics_move_with_the_commands_and_the_lag(
             ),
             timeout_s=90,
         )
+        assert _sum(figures, "engine_projection_stalled", projection="order_search") == 0
+        await _until_ready(client, f"{daemon}/health/ready", 200)
         relay_figures = await _scrape(client, f"{relay}/metrics")
     assert "engine_projection_lag_events" not in {n for n, _ in relay_figures}
     assert _sum(relay_figures, "engine_outbox_backlog_events") == 0

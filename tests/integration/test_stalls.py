@@ -24,6 +24,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine import CommandBus, OutboxRelay, Resources, Settings
 from engine.daemon import build_runner
@@ -95,6 +96,16 @@ async def _ready(client: httpx.AsyncClient) -> tuple[int, dict[str, Any]]:
     answer = await client.get("/health/ready", timeout=10)
     body: dict[str, Any] = answer.json()
     return answer.status_code, body
+
+
+async def _gauge(client: httpx.AsyncClient, name: str, **labels: str) -> float:
+    """One gauge of the API's /metrics (the status gauges of its own sample)."""
+    text = (await client.get("/metrics", timeout=10)).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return float(sample.value)
+    raise AssertionError(f"no {name}{labels} in /metrics")
 
 
 async def _is_ready(client: httpx.AsyncClient) -> None:
@@ -188,6 +199,8 @@ async def test_search_detached_behind_frozen_elasticsearch_through_a_rebalance_s
                 await eventually(two_daemons_report_search, timeout_s=30)
                 await eventually(lambda: _only_stalled(status, SEARCH), timeout_s=30)
                 await eventually(lambda: _not_ready_for(api, SEARCH), timeout_s=10)
+                assert await _gauge(api, "engine_projection_stalled", projection=SEARCH) == 1
+                assert await _gauge(api, "engine_projection_stalled", projection=DETAILS) == 0
                 code, out, err = await run_engine("status", "--json", env=env)
                 assert code == 1, err
                 shown = {p["name"]: p for p in json.loads(out)["projections"]}
@@ -200,6 +213,7 @@ async def test_search_detached_behind_frozen_elasticsearch_through_a_rebalance_s
                 now = await status()
                 assert now.healthy, [(p.name, p.state, p.state_reason) for p in now.projections]
                 await _is_ready(api)
+                assert await _gauge(api, "engine_projection_stalled", projection=SEARCH) == 0
 
             await eventually(cleared, timeout_s=90)
     finally:
@@ -282,6 +296,7 @@ async def test_a_frozen_relay_with_events_waiting_stalls_naming_its_lease_then_c
                         assert [p["component"] for p in body["problems"]] == ["relay"], body
 
                     await eventually(api_not_ready, timeout_s=10)
+                    assert await _gauge(api, "engine_relay_stalled") == 1
                     code, out, err = await run_engine("status", "--json", env=env)
                     assert code == 1, err
                     assert json.loads(out)["outbox"]["stalled"] is True
@@ -293,6 +308,7 @@ async def test_a_frozen_relay_with_events_waiting_stalls_naming_its_lease_then_c
                 now = await status()
                 assert not now.outbox.stalled and now.outbox.unpublished == 0, now.outbox
                 await _is_ready(api)
+                assert await _gauge(api, "engine_relay_stalled") == 0
 
             await eventually(cleared, timeout_s=30)
     finally:
