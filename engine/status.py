@@ -24,7 +24,7 @@ the rule and why it does not fire on a busy relay: :mod:`engine.relay_state`).
 
 The state (attached, catching up, detached, stranded, parked, stalled, no
 daemon) combines what each live daemon records about its lanes with the lag
-and parked aggregates read here, worst first; :mod:`engine.lane_state` has the
+and parked aggregates read here, worst first; :mod:`engine.projection_state` has the
 rules and why a silent daemon's word no longer counts.
 """
 
@@ -50,18 +50,11 @@ from engine.drivers import (
     postgres_errors,
 )
 from engine.generations import current_generation
-from engine.lane_state import (
-    UNHEALTHY,
-    LaneState,
-    Recorded,
-    Waiting,
-    projection_state,
-    read_recorded,
-    stale_after_s,
-)
+from engine.lane_state import UNHEALTHY, LaneState, stale_after_s
 from engine.postgres import outbox
 from engine.postgres.checkpoints import Checkpoint, CheckpointStore, PartitionProgress
 from engine.postgres.deadletters import DeadLetterStore, Parked
+from engine.projection_state import Recorded, Waiting, projection_state, read_recorded
 from engine.relay_state import relay_stall
 from engine.resources import Resources
 from engine.settings import KafkaSettings, RelaySettings, RunnerSettings, Settings

@@ -17,15 +17,13 @@ from hypothesis import strategies as st
 
 from engine.lane import Lane
 from engine.lane_state import (
-    DaemonReport,
     LaneReport,
     LaneState,
     LaneStateRecorder,
-    Waiting,
     lane_state,
-    projection_state,
     stale_after_s,
 )
+from engine.projection_state import DaemonReport, Waiting, projection_state
 from engine.runner import ProjectionRunner
 from engine.settings import RunnerSettings
 
