@@ -46,10 +46,12 @@ class StatusSampler:
         *,
         interval_s: float,
         timeout_s: float,
+        stop_grace_s: float = 2.0,
     ) -> None:
         self._collect = collect
         self.interval_s = interval_s
         self._timeout_s = timeout_s
+        self._stop_grace_s = stop_grace_s
         self.latest: Sample | None = None
         """The last sample taken, good or failed; None before the first."""
         self.last_good: Sample | None = None
@@ -93,7 +95,14 @@ class StatusSampler:
         return await self.sample()
 
     async def run(self) -> None:
-        """Sample every ``interval_s`` until cancelled; a collect in flight is cancelled too."""
+        """Sample every ``interval_s`` until cancelled; a collect in flight ends with it.
+
+        sample() shields the collect from its callers, so the sampler's end must end
+        it: the connections it reads through close next. It gets ``stop_grace_s`` to
+        finish first, and is cancelled only past that: a Kafka client cancelled while
+        it connects can leave its connection open (a process that starts and stops at
+        once, as tests do, stops during its first collect).
+        """
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -101,12 +110,12 @@ class StatusSampler:
                 await self.sample()
                 await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
         finally:
-            # sample() shields the collect from its callers; the sampler's end is its end
-            # too (the connections it reads through close next).
             taking = self._taking
             if taking is not None:
-                taking.cancel()
-                await asyncio.wait({taking})
+                done, _ = await asyncio.wait({taking}, timeout=self._stop_grace_s)
+                if not done:
+                    taking.cancel()
+                    await asyncio.wait({taking})
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[StatusSampler]:

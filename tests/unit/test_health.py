@@ -96,7 +96,29 @@ def test_a_watcher_that_cannot_see_is_not_ready(sample: Sample | None, reason: s
     assert problem.component == "status" and reason in problem.reason
 
 
-async def test_the_sampler_cancels_its_collect_in_flight_when_it_stops() -> None:
+async def test_a_collect_in_flight_when_the_sampler_stops_may_finish_within_the_grace() -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+    finished: list[bool] = []
+
+    async def slow_collect() -> EngineStatus:
+        started.set()
+        await release.wait()
+        finished.append(True)
+        raise ValueError("collected")  # a failed sample: no status needed for this test
+
+    sampler = StatusSampler(slow_collect, interval_s=0.1, timeout_s=60, stop_grace_s=5)
+    running = asyncio.create_task(sampler.run())
+    await asyncio.wait_for(started.wait(), timeout=5)
+    running.cancel()
+    await asyncio.sleep(0.05)
+    assert not running.done()  # waiting for the collect, not cutting it off
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert finished == [True]
+
+
+async def test_the_sampler_cancels_its_collect_in_flight_past_the_grace() -> None:
     started, cancelled = asyncio.Event(), asyncio.Event()
 
     async def hanging_collect() -> EngineStatus:
@@ -107,7 +129,7 @@ async def test_the_sampler_cancels_its_collect_in_flight_when_it_stops() -> None
             cancelled.set()
         raise AssertionError("unreachable")
 
-    sampler = StatusSampler(hanging_collect, interval_s=0.1, timeout_s=60)
+    sampler = StatusSampler(hanging_collect, interval_s=0.1, timeout_s=60, stop_grace_s=0.1)
     running = asyncio.create_task(sampler.run())
     await asyncio.wait_for(started.wait(), timeout=5)
     running.cancel()
