@@ -32,7 +32,7 @@ when it is imported, so it must be in the worker's environment from the
 start), and whoever answers a scrape sums every worker's files
 (``MultiProcessCollector``): the API worker that got the request, or, for the
 daemon, the supervisor, which serves the metrics port itself. A worker that
-exits is marked dead (:func:`worker_exited`); its counter files stay, so the
+exits is marked dead (:meth:`WorkerFiles.exited`); its counter files stay, so the
 sums never go backwards when a worker is restarted. The directory is removed
 when the supervisor ends. A single process uses the ordinary registry.
 :data:`MULTIPROCESS_DIR` is read from the environment here, at import, the
@@ -55,6 +55,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
@@ -91,9 +92,9 @@ __all__ = [
     "RELAY_COMMIT_TO_ACK_SECONDS",
     "RELAY_PUBLISHED",
     "StatusCollector",
+    "WorkerFiles",
     "render",
     "store_kind",
-    "worker_exited",
     "workers_directory",
 ]
 
@@ -362,19 +363,30 @@ def render(
     return text
 
 
+@dataclass(frozen=True)
+class WorkerFiles:
+    """The directory a supervisor's workers count into, and what the supervisor does with it."""
+
+    directory: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What each worker's environment needs (set before prometheus-client is imported)."""
+        return {MULTIPROCESS_ENV: self.directory}
+
+    def exited(self, pid: int) -> None:
+        """Tell the files that worker ``pid`` is gone (its live gauges are dropped)."""
+        _multiprocess.mark_process_dead(pid, self.directory)  # type: ignore[no-untyped-call]
+
+
 @contextlib.contextmanager
-def workers_directory() -> Iterator[str]:
+def workers_directory() -> Iterator[WorkerFiles]:
     """A fresh directory for the workers' metric files, removed on the way out."""
     path = tempfile.mkdtemp(prefix="engine-metrics-")
     try:
-        yield path
+        yield WorkerFiles(path)
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def worker_exited(directory: str, pid: int) -> None:
-    """Tell the multiprocess files that worker ``pid`` is gone (its live gauges are dropped)."""
-    _multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 _STORE_KINDS: dict[type, str] = {}

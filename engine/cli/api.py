@@ -25,7 +25,6 @@ process makes for them, and the one that answers sums them all
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import os
@@ -125,15 +124,15 @@ async def _supervise(
         os.getpid(),
     )
     # Whichever worker answers /metrics sums every worker's files (engine.metrics).
-    with metrics.workers_directory() as directory:
+    with metrics.workers_directory() as files:
         supervisor = Supervisor(
             worker_command(log_level, os.getpid(), "api", ["--fd", str(sock.fileno())]),
             workers,
             stop_timeout_s=settings.api.graceful_shutdown_s + _STOP_MARGIN_S,
             fatal_codes=(ExitCode.USAGE, ExitCode.CONFIGURATION, ExitCode.UNAVAILABLE),
             pass_fds=(sock.fileno(),),
-            env={metrics.MULTIPROCESS_ENV: directory},
-            on_exit=functools.partial(metrics.worker_exited, directory),
+            env=files.env,
+            on_exit=files.exited,
         )
         return await supervisor.run(signals.event())
 

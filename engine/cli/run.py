@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import logging
 import os
-from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Annotated
 
@@ -121,24 +119,24 @@ async def _supervise(
         os.getpid(),
     )
     async with AsyncExitStack() as stack:
-        env: dict[str, str] | None = None
-        on_exit: Callable[[int], None] | None = None
-        directory: str | None = None
-        if metrics_port:  # the workers count into files this process sums (engine.metrics)
-            directory = stack.enter_context(metrics.workers_directory())
-            env = {metrics.MULTIPROCESS_ENV: directory}
-            on_exit = functools.partial(metrics.worker_exited, directory)
+        # With a metrics port, the workers count into files this process sums (engine.metrics).
+        files = stack.enter_context(metrics.workers_directory()) if metrics_port else None
         supervisor = Supervisor(
             worker_command(log_level, os.getpid()),
             workers,
             stop_timeout_s=settings.runner.shutdown_timeout_s + STOP_MARGIN_S,
             # Each worker would hit these again: stop, and exit with the worker's code.
             fatal_codes=(ExitCode.USAGE, ExitCode.CONFIGURATION, ExitCode.UNAVAILABLE),
-            env=env,
-            on_exit=on_exit,
+            env=None if files is None else files.env,
+            on_exit=None if files is None else files.exited,
         )
         ops = await stack.enter_async_context(
-            serving(settings, metrics_port, "daemon", multiprocess_dir=directory)
+            serving(
+                settings,
+                metrics_port,
+                "daemon",
+                multiprocess_dir=None if files is None else files.directory,
+            )
         )
         if ops is not None:
             await ops.sample_on(stack)

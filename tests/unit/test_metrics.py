@@ -207,12 +207,13 @@ def test_workers_counts_are_summed_and_kept_after_they_exit() -> None:
         "metrics.EVENTS_APPLIED.labels('p').inc(5); "
         "metrics.BATCH_APPLY_SECONDS.labels('p', 'redis').observe(0.01)"
     )
-    with metrics.workers_directory() as directory:
-        env = {**os.environ, metrics.MULTIPROCESS_ENV: directory}
+    with metrics.workers_directory() as files:
+        directory = files.directory
+        env = {**os.environ, **files.env}
         for _ in range(2):
             worker = subprocess.Popen([sys.executable, "-c", count], env=env)
             assert worker.wait(timeout=60) == 0
-            metrics.worker_exited(directory, worker.pid)
+            files.exited(worker.pid)
         text = metrics.render(multiprocess_dir=directory).decode()
         families = {f.name: f for f in text_string_to_metric_families(text)}
         (applied,) = families["engine_events_applied"].samples
