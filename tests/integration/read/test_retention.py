@@ -85,11 +85,16 @@ async def test_a_lane_the_retention_overtook_stops_and_says_to_rebuild(
         )
         assert "partition" in (search.failing or "")
         assert search.detached
-        recorded = await pool.fetchval(
-            "SELECT last_error FROM engine_projection_checkpoints WHERE projection = $1",
-            "order_search",
-        )
-        assert "engine rebuild order_search" in recorded
+
+        async def recorded() -> None:
+            # The lane says so first, then records it: read until the row has it.
+            last_error = await pool.fetchval(
+                "SELECT last_error FROM engine_projection_checkpoints WHERE projection = $1",
+                "order_search",
+            )
+            assert "engine rebuild order_search" in (last_error or ""), last_error
+
+        await eventually(recorded, timeout_s=30)
 
         # The other projections go on.
         await populate(bus, orders=3, seed=43)
