@@ -67,8 +67,8 @@ def run_reporting_errors(action: Callable[[], T]) -> T:
         raise typer.Exit(ExitCode.FAILED) from exc
 
 
-def main() -> None:
-    """Console-script entry point."""
+def with_commands() -> typer.Typer:
+    """The app with every sub-command registered (each module registers its own on import)."""
     from engine.cli import (  # noqa: F401 - registers the sub-commands
         api,
         demo,
@@ -82,4 +82,9 @@ def main() -> None:
         write,
     )
 
-    sys.exit(app())
+    return app
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(with_commands()())
