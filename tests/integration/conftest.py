@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from engine import (
     CommandBus,
@@ -82,10 +83,31 @@ def test_db(stack: Settings) -> Iterator[Settings]:
     asyncio.run(drop())
 
 
+@pytest.fixture(scope="session")
+def test_topics(stack: Settings) -> Iterator[list[str]]:
+    """The topics named by this run's tests, deleted after the run so that runs do not pile
+    them up (a broker with thousands of partitions starts, restarts and rebalances slower)."""
+    named: list[str] = []
+    yield named
+
+    async def delete() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka.bootstrap_servers)
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            if left := sorted(existing.intersection(named)):
+                await admin.delete_topics(left)
+        finally:
+            await admin.close()
+
+    asyncio.run(delete())
+
+
 @pytest.fixture
-def settings_for_test(test_db: Settings) -> Settings:
+def settings_for_test(test_db: Settings, test_topics: list[str]) -> Settings:
     """The test database, plus a Kafka topic, group, Redis prefix and index prefix of its own."""
     tag = uuid.uuid4().hex[:12]
+    test_topics.append(f"test.events.{tag}")
     kafka: KafkaSettings = test_db.kafka.model_copy(
         update={"topic": f"test.events.{tag}", "partitions": 3}
     )
@@ -119,7 +141,8 @@ async def resources(settings_for_test: Settings, pool: asyncpg.Pool) -> AsyncIte
     async with open_resources(settings_for_test) as opened:
         yield opened
         prefix = settings_for_test.redis.key_prefix
-        keys = [key async for key in opened.redis.scan_iter(match=f"{prefix}*")]
+        # A large COUNT: SCAN walks the whole keyspace, ten keys a round trip by default.
+        keys = [key async for key in opened.redis.scan_iter(match=f"{prefix}*", count=10_000)]
         if keys:
             await opened.redis.delete(*keys)
         pattern = f"{settings_for_test.elasticsearch.index_prefix}-*"
