@@ -64,14 +64,14 @@ class Sizes:
 # Tiny sizes for a smoke run (the integration test): every benchmark, in well under a minute.
 QUICK = Sizes(
     events=3_000,
-    baseline_events=200,
+    baseline_events=100,
     rate=40.0,
     duration=3.0,
     relay_events=2_000,
     relay_rate=100.0,
-    relay_duration=2.0,
+    relay_duration=1.0,
     query_events=2_000,
-    query_duration=1.0,
+    query_duration=0.5,
     query_concurrency=4,
     rebuild_events=2_000,
     command_orders=20,
