@@ -48,7 +48,9 @@ def _run_quick(out: Path) -> dict[str, Any]:
             check=False,
         )
     except subprocess.TimeoutExpired as exc:
-        printed = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        printed = exc.stderr or ""  # bytes or text, depending on where the timeout struck
+        if isinstance(printed, bytes):
+            printed = printed.decode(errors="replace")
         pytest.fail(f"python -m bench --quick ran over {RUN_TIMEOUT_S} s:\n{printed[-4000:]}")
     assert done.returncode == 0, done.stderr[-4000:]
     [folder] = out.iterdir()
