@@ -147,18 +147,22 @@ class CatchUps:
                 await lane.process(await self._decode(records))
 
     async def _strand(self, lane: Lane, exc: Exception) -> None:
-        """Stop a lane whose next events are gone from the topic, and say what to do."""
+        await self.strand(lane, self.behind(lane), type(exc).__name__)
+
+    async def strand(self, lane: Lane, gone: Mapping[TopicPartition, int], cause: str) -> None:
+        """Stop a lane whose next events (from ``gone``) left the topic, and say what to do."""
         where = ", ".join(
-            f"partition {tp.partition} from offset {offset}"
-            for tp, offset in sorted(self.behind(lane).items())
+            f"partition {tp.partition} from offset {offset}" for tp, offset in sorted(gone.items())
         )
         reason = (
             f"{lane.name} is stopped: the topic's retention deleted events it had not applied"
-            f" yet ({where}; {type(exc).__name__}). Its read model has a gap that only a"
+            f" yet ({where}; {cause}). Its read model has a gap that only a"
             f" rebuild can fill: run `engine rebuild {lane.name}`, then restart the daemon."
         )
         log.error(reason)
         self.stranded[lane.name] = reason
+        lane.detached = True
+        lane.detached_because = reason
         lane.failing = reason
         with contextlib.suppress(Exception):  # for operators (engine status); the log has it
             await self._checkpoints.failed(lane.name, reason)

@@ -28,7 +28,14 @@
    the cursor) is replayed, Postgres views are re-pointed and ``g+1`` is
    recorded. The daemon applies nothing to this projection meanwhile; an
    event that commits after this read reaches ``g+1`` through the daemon after
-   the switch.
+   the switch. The projection's progress on each partition is raised to the
+   topic's end offsets, read under the fence before the bound: every record
+   below them was published, so committed before the read, so it is at most
+   the bound and replayed. That is what lets a lane stranded by retention
+   (:mod:`engine.catch_up`, :meth:`engine.runner.ProjectionRunner.check_retention`)
+   go on after the rebuild: without it, the group's offset still below the
+   log's start would strand the rebuilt projection again at every restart.
+   Kafka out of reach skips this (logged): the rebuild still holds.
 5. **Point readers, then drop.** After the commit, the alias or pointer key
    moves to ``g+1`` (idempotently, under the shared fence; a crash before it is
    repaired as in step 2, or by a lane taking up ``g+1``), and ``g`` is dropped
@@ -43,21 +50,24 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from engine.application import Application
 from engine.errors import ConfigurationError, PoisonError, RebuildInProgressError
 from engine.generations import at_current_generation, fence_key
 from engine.postgres import outbox
+from engine.postgres.checkpoints import raise_progress
 from engine.postgres.pool import CONNECTION_ERRORS, Connection, unavailable
 from engine.projection import Projected, Projection, RebuildableStore
 from engine.registry import EventRegistry
 from engine.resources import Resources
-from engine.settings import PostgresSettings
+from engine.settings import KafkaSettings, PostgresSettings
+from engine.topics import topic_partitions
 
 log = logging.getLogger("engine.rebuild")
 
@@ -106,7 +116,8 @@ async def rebuild(
     """Rebuild projection ``name`` into a new generation and switch to it (steps above)."""
     projection, store = _find(application, resources, name)
     postgres = resources.settings.postgres
-    async with rebuild_lock(postgres, name) as conn:
+    kafka = resources.settings.kafka
+    async with rebuild_lock(postgres, name) as conn, _topic_ends(kafka) as ends:
         async with at_current_generation(postgres, name, store) as current:
             pass  # step 2: set up, readers pointed at it
         types = sorted(projection.handles)
@@ -123,7 +134,7 @@ async def rebuild(
             total=await outbox.count_log(conn, types),
         )
         await replay.settle(conn, settle_timeout_s)
-        await _switch(conn, name, fresh, replay)
+        await _switch(conn, name, fresh, replay, ends=ends, topic=kafka.topic)
         log.info("%s: generation %d committed; pointing readers at it", name, fresh.generation)
         async with at_current_generation(postgres, name, fresh):
             pass  # step 5: the alias or pointer follows the committed record
@@ -133,7 +144,13 @@ async def rebuild(
 
 
 async def _switch(
-    conn: asyncpg.Connection, name: str, fresh: RebuildableStore, replay: _Replay
+    conn: asyncpg.Connection,
+    name: str,
+    fresh: RebuildableStore,
+    replay: _Replay,
+    *,
+    ends: Callable[[], Awaitable[dict[int, int]]],
+    topic: str,
 ) -> None:
     """Step 4, on the lock's own connection: if the lock was lost, so is the switch.
 
@@ -152,8 +169,10 @@ async def _switch(
     """
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", fence_key(name))
+        published = await ends()  # before the bound: see step 4
         bound = (await outbox.settling_position(conn, in_transaction=True)).position
         await replay.run(conn, up_to=bound)
+        await raise_progress(conn, name, topic, published)
         # Readers in Postgres (a view) switch with the record, atomically; the
         # others only once it is committed (step 5).
         if getattr(fresh, "publish_in_transaction", False):
@@ -164,6 +183,48 @@ async def _switch(
             name,
             fresh.generation,
         )
+
+
+@asynccontextmanager
+async def _topic_ends(
+    kafka: KafkaSettings,
+) -> AsyncIterator[Callable[[], Awaitable[dict[int, int]]]]:
+    """Reads the topic's end offsets per partition for the switch; none while Kafka is away."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=kafka.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        request_timeout_ms=int(kafka.request_timeout_s * 1000),
+    )
+    try:
+        await consumer.start()
+    except Exception as exc:
+        log.warning("Kafka is out of reach (%s): the rebuild will not record its offsets", exc)
+        await consumer.stop()
+
+        async def nothing() -> dict[int, int]:
+            return {}
+
+        yield nothing
+        return
+
+    async def read() -> dict[int, int]:
+        try:
+            async with asyncio.timeout(kafka.request_timeout_s):
+                partitions = await topic_partitions(kafka)
+                if not partitions:  # nothing was ever published
+                    return {}
+                tps = [TopicPartition(kafka.topic, p) for p in partitions]
+                ends = await consumer.end_offsets(tps)
+        except Exception as exc:
+            log.warning("could not read the topic's end offsets (%s): not recorded", exc)
+            return {}
+        return {tp.partition: offset for tp, offset in ends.items()}
+
+    try:
+        yield read
+    finally:
+        await consumer.stop()
 
 
 def _lock_key(projection: str) -> str:

@@ -38,6 +38,22 @@ the store's slowest normal batch at ``batch_size``.
 How a detached lane catches up alone, and what happens when the topic's
 retention overtook it (it is *stranded*): :mod:`engine.catch_up`.
 
+A group offset the retention overtook. While every daemon is down, the
+retention can delete events past the group's committed offset. The consumer
+would reset to the log's start (``auto_offset_reset="earliest"``, which a new
+group needs) and every lane would go on past the hole without a word: the
+dispatcher checks version gaps only against what it saw since its own start,
+and an aggregate whose events are all gone leaves no trace. So when partitions
+are assigned, before anything is fetched from them, ``check_retention``
+compares each one's committed offset with the log's start; where it is below,
+every lane whose own place (its recorded progress, else the group's offset) is
+below the start is stranded as a catch-up would strand it: detached, saying to
+run ``engine rebuild``, keeping its place in the commit minimum. The other lanes
+go on. A rebuild raises the projection's recorded progress to the topic's end
+(:mod:`engine.rebuild`, step 4), so the restart after it finds the lane's place
+above the start and does not strand it again, though the group's offset is
+still below it until the first commit.
+
 Commits. A commit the group refuses because it is rebalancing (another daemon
 joined or left: CommitFailedError, IllegalGeneration, UnknownMemberId,
 RebalanceInProgress) is logged and dropped, not raised: ``_committed`` is not
@@ -178,7 +194,7 @@ class ProjectionRunner:
                 session_timeout_ms=int(self._settings.session_timeout_s * 1000),
                 heartbeat_interval_ms=int(self._settings.session_timeout_s * 1000 / 3),
             )
-            consumer.subscribe([self._kafka.topic], listener=_Listener(self))
+            consumer.subscribe([self._kafka.topic], listener=_Listener(self, consumer))
             try:
                 with kafka_errors(kafka_address(self._kafka)):
                     await consumer.start()
@@ -429,6 +445,47 @@ class ProjectionRunner:
                 self._catch_ups.cancel(lane)
                 lane.detached = False
 
+    async def check_retention(
+        self, consumer: AIOKafkaConsumer, assigned: Sequence[TopicPartition]
+    ) -> None:
+        """Strand the lanes whose next events on these partitions the retention deleted.
+
+        Called when partitions are assigned, before anything is fetched from them
+        (see the module docstring: a group offset overtaken by retention).
+        """
+        if not assigned:
+            return
+        starts = await consumer.beginning_offsets(list(assigned))
+        overtaken: dict[TopicPartition, int] = {}
+        for tp in assigned:
+            committed = await consumer.committed(tp)
+            if committed is not None and committed < starts[tp]:
+                overtaken[tp] = committed
+        if not overtaken:
+            return
+        topic = self._kafka.topic
+        for lane in self.lanes:
+            recorded = {
+                p.partition: p.next_offset
+                for p in await self._checkpoints.progress(lane.name, topic)
+            }
+            # Where the lane stands: its recorded progress, or the group's offset (which is
+            # the minimum over the lanes, so never above the lane's own place).
+            gone = {
+                tp: offset
+                for tp, committed in overtaken.items()
+                if (offset := max(committed, recorded.get(tp.partition, committed))) < starts[tp]
+            }
+            if not gone:
+                continue
+            # Its place in the commit minimum: after the rebuild, a restart reads again
+            # from the log's start, as after a catch-up that found its offsets gone.
+            lane.next_offset.update(gone)
+            if lane.name not in self.stranded:
+                await self._catch_ups.strand(
+                    lane, gone, "the group's committed offset is below the log's start"
+                )
+
     async def _caught_up(self, consumer: AIOKafkaConsumer) -> bool:
         assigned = consumer.assignment()
         if not assigned or any(lane.detached or not lane.idle for lane in self.lanes):
@@ -446,8 +503,9 @@ class ProjectionRunner:
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, runner: ProjectionRunner) -> None:
+    def __init__(self, runner: ProjectionRunner, consumer: AIOKafkaConsumer) -> None:
         self._runner = runner
+        self._consumer = consumer  # the first assignment can come before the runner has it
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         if revoked:
@@ -459,3 +517,16 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         for lane in self._runner.lanes:
             # Another daemon may have parked aggregates on these partitions.
             lane.parked.forget()
+        # aiokafka may fetch from the new partitions while this callback awaits (its
+        # issue #738): held until the check has stranded whichever lane it must.
+        self._consumer.pause(*assigned)
+        try:
+            await self._runner.check_retention(self._consumer, sorted(assigned))
+        except Exception as exc:
+            log.error(
+                "could not compare the group's offsets with the log's start (%s): an offset the"
+                " retention overtook goes unnoticed until the next assignment",
+                exc,
+            )
+        finally:
+            self._consumer.resume(*assigned)

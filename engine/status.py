@@ -38,7 +38,6 @@ from datetime import UTC, datetime
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import BaseModel, ConfigDict, computed_field
 
 from engine.application import Application
@@ -58,6 +57,7 @@ from engine.projection_state import Recorded, Waiting, projection_state, read_re
 from engine.relay_state import relay_stall
 from engine.resources import Resources
 from engine.settings import KafkaSettings, RelaySettings, RunnerSettings, Settings
+from engine.topics import topic_partitions
 
 # Reading the first unprocessed record of a partition should take milliseconds;
 # past this, its time is reported as unknown rather than holding the caller.
@@ -368,7 +368,7 @@ async def _read_kafka(
 ) -> dict[str, list[PartitionLag]]:
     """Per projection, its lag on each partition of the topic (none if the topic is missing)."""
     with kafka_errors(kafka_address(kafka), START_HINT):
-        partitions = await _partitions(kafka)
+        partitions = await topic_partitions(kafka)
         if not partitions:  # nothing was ever published
             return {name: [] for name in progress}
         async with _consumer(kafka) as consumer:
@@ -406,23 +406,6 @@ def _partition_lags(
         )
         for partition in sorted(end)
     ]
-
-
-async def _partitions(kafka: KafkaSettings) -> list[int]:
-    """The topic's partitions, or none if it does not exist (without creating it)."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=kafka.bootstrap_servers,
-        request_timeout_ms=int(kafka.request_timeout_s * 1000),
-    )
-    try:
-        await admin.start()
-        # Listing first: asking for a missing topic by name may auto-create it on some brokers.
-        if kafka.topic not in await admin.list_topics():
-            return []
-        described = await admin.describe_topics([kafka.topic])
-    finally:
-        await admin.close()
-    return sorted(int(p["partition"]) for topic in described for p in topic["partitions"])
 
 
 @asynccontextmanager

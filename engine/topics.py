@@ -1,4 +1,5 @@
-"""Creating the event topic on start-up, with the configured partition count, if missing."""
+"""The event topic: created on start-up with the configured partition count if missing, and
+its partitions read without creating it."""
 
 from __future__ import annotations
 
@@ -36,3 +37,20 @@ async def ensure_topic(kafka: KafkaSettings, topic: str | None = None) -> bool:
             return True
     finally:
         await admin.close()
+
+
+async def topic_partitions(kafka: KafkaSettings) -> list[int]:
+    """The topic's partitions, or none if it does not exist (without creating it)."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=kafka.bootstrap_servers,
+        request_timeout_ms=int(kafka.request_timeout_s * 1000),
+    )
+    try:
+        await admin.start()
+        # Listing first: asking for a missing topic by name may auto-create it on some brokers.
+        if kafka.topic not in await admin.list_topics():
+            return []
+        described = await admin.describe_topics([kafka.topic])
+    finally:
+        await admin.close()
+    return sorted(int(p["partition"]) for topic in described for p in topic["partitions"])

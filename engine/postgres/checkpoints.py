@@ -117,6 +117,28 @@ ON CONFLICT (projection) DO UPDATE SET
 """
 
 
+_RAISE = """
+INSERT INTO engine_partition_progress (projection, topic, partition, next_offset, position)
+SELECT $1, $2, p.partition, p.next_offset, 0
+FROM unnest($3::int[], $4::bigint[]) AS p(partition, next_offset)
+ON CONFLICT (projection, topic, partition) DO UPDATE SET
+    next_offset = GREATEST(engine_partition_progress.next_offset, EXCLUDED.next_offset),
+    updated_at = now()
+"""
+
+
+async def raise_progress(
+    conn: asyncpg.Connection, projection: str, topic: str, next_offsets: dict[int, int]
+) -> None:
+    """Raise the projection's next offsets to at least these (a rebuild's switch, in its
+    transaction: everything below them is in the new generation)."""
+    if next_offsets:
+        partitions = sorted(next_offsets)
+        await conn.execute(
+            _RAISE, projection, topic, partitions, [next_offsets[p] for p in partitions]
+        )
+
+
 class CheckpointStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
