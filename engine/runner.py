@@ -45,11 +45,15 @@ group needs) and every lane would go on past the hole without a word: the
 dispatcher checks version gaps only against what it saw since its own start,
 and an aggregate whose events are all gone leaves no trace. So when partitions
 are assigned, before anything is fetched from them, ``check_retention``
-compares each one's committed offset with the log's start; where it is below,
-every lane whose own place (its recorded progress, else the group's offset) is
-below the start is stranded as a catch-up would strand it: detached, saying to
-run ``engine rebuild``, keeping its place in the commit minimum. The other lanes
-go on. A rebuild raises the projection's recorded progress to the topic's end
+compares each one's committed offset with the log's start; where it is below
+(or missing: a new group id, or offsets Kafka expired), every lane whose own
+place (the further of the group's offset and its recorded progress) is below
+the start is stranded as a catch-up would strand it: detached, saying to run
+``engine rebuild``, keeping its place in the commit minimum. The other lanes go
+on. A lane with no place at all (a new projection, or a new deployment) cannot
+be told from one that lost it, and starts at the log's start as before.
+
+A rebuild raises the projection's recorded progress to the topic's end
 (:mod:`engine.rebuild`, step 4), so the restart after it finds the lane's place
 above the start and does not strand it again, though the group's offset is
 still below it until the first commit.
@@ -456,12 +460,14 @@ class ProjectionRunner:
         if not assigned:
             return
         starts = await consumer.beginning_offsets(list(assigned))
-        overtaken: dict[TopicPartition, int] = {}
+        # The partitions whose group offset is below the log's start, or missing (a new
+        # group, or offsets Kafka expired): the consumer would jump to the start.
+        jumping: dict[TopicPartition, int | None] = {}
         for tp in assigned:
             committed = await consumer.committed(tp)
-            if committed is not None and committed < starts[tp]:
-                overtaken[tp] = committed
-        if not overtaken:
+            if starts[tp] > 0 and (committed is None or committed < starts[tp]):
+                jumping[tp] = committed
+        if not jumping:
             return
         topic = self._kafka.topic
         for lane in self.lanes:
@@ -469,12 +475,11 @@ class ProjectionRunner:
                 p.partition: p.next_offset
                 for p in await self._checkpoints.progress(lane.name, topic)
             }
-            # Where the lane stands: its recorded progress, or the group's offset (which is
-            # the minimum over the lanes, so never above the lane's own place).
             gone = {
-                tp: offset
-                for tp, committed in overtaken.items()
-                if (offset := max(committed, recorded.get(tp.partition, committed))) < starts[tp]
+                tp: place
+                for tp, committed in jumping.items()
+                if (place := _place(committed, recorded.get(tp.partition))) is not None
+                and place < starts[tp]
             }
             if not gone:
                 continue
@@ -483,7 +488,9 @@ class ProjectionRunner:
             lane.next_offset.update(gone)
             if lane.name not in self.stranded:
                 await self._catch_ups.strand(
-                    lane, gone, "the group's committed offset is below the log's start"
+                    lane,
+                    gone,
+                    "the group's committed offset is below the log's start, or missing",
                 )
 
     async def _caught_up(self, consumer: AIOKafkaConsumer) -> bool:
@@ -500,6 +507,18 @@ class ProjectionRunner:
             if reached < end:
                 return False
         return True
+
+
+def _place(committed: int | None, recorded: int | None) -> int | None:
+    """Where a lane stands on a partition: the further of the group's offset (the minimum
+    over the lanes, so never above the lane's own place) and its recorded progress (best
+    effort, so maybe behind). None: neither is known, as for a new projection, which cannot
+    be told from one that lost its place."""
+    if committed is None:
+        return recorded
+    if recorded is None:
+        return committed
+    return max(committed, recorded)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
