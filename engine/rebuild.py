@@ -196,19 +196,16 @@ async def _topic_ends(
         enable_auto_commit=False,
         request_timeout_ms=int(kafka.request_timeout_s * 1000),
     )
+    reachable = True
     try:
         await consumer.start()
     except Exception as exc:
         log.warning("Kafka is out of reach (%s): the rebuild will not record its offsets", exc)
-        await consumer.stop()
-
-        async def nothing() -> dict[int, int]:
-            return {}
-
-        yield nothing
-        return
+        reachable = False
 
     async def read() -> dict[int, int]:
+        if not reachable:
+            return {}
         try:
             async with asyncio.timeout(kafka.request_timeout_s):
                 partitions = await topic_partitions(kafka)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from engine import CommandBus, OutboxRelay, Resources, Settings
 from engine.daemon import build_runner
 from engine.rebuild import rebuild
 from projections.orders import APP
-from tests.helpers import run_engine, settings_env
+from tests.helpers import free_port, run_engine, settings_env
 from tests.integration.read.expected import assert_projections_match, eventually
 from tests.integration.read.scenario import populate
 
@@ -112,3 +115,52 @@ async def test_rebuild_of_an_unknown_projection_is_refused(
     env = settings_env(settings_for_test)
     code, _, err = await run_engine("rebuild", "nope", env=env)
     assert code == 3 and "no projection named 'nope'" in err
+
+
+async def test_rebuild_records_the_topics_end_and_holds_without_kafka(
+    bus: CommandBus,
+    pool: asyncpg.Pool,
+    settings_for_test: Settings,
+    resources: Resources,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = settings_for_test
+    await populate(bus, orders=5, seed=33)
+    await OutboxRelay(settings.postgres, settings.kafka, settings.relay).drain()
+    probe = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await probe.start()
+    try:
+        partitions = [TopicPartition(settings.kafka.topic, p) for p in range(3)]
+        ends = {tp.partition: end for tp, end in (await probe.end_offsets(partitions)).items()}
+    finally:
+        await probe.stop()
+    assert sum(ends.values()) > 0
+
+    # The switch raises the projection's progress to the topic's end: everything below it
+    # is in the new generation (what lets a projection stranded by retention go on).
+    await rebuild(APP, resources, "order_details", lambda done, total: None)
+    rows = await pool.fetch(
+        "SELECT partition, next_offset FROM engine_partition_progress WHERE projection = $1",
+        "order_details",
+    )
+    assert {row["partition"]: row["next_offset"] for row in rows} == ends
+
+    # Kafka out of reach (nothing listens there): the rebuild still holds, and says what
+    # it skipped.
+    away = settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(
+                update={"bootstrap_servers": f"127.0.0.1:{free_port()}"}
+            )
+        }
+    )
+    with caplog.at_level(logging.WARNING, logger="engine.rebuild"):
+        report = await rebuild(
+            APP,
+            Resources(away, resources.pool, resources.redis, resources.elasticsearch),
+            "order_details",
+            lambda done, total: None,
+        )
+    assert report.new_generation == 3
+    assert "Kafka is out of reach" in caplog.text
+    assert await pool.fetchval("SELECT count(*) FROM order_details") == 5
